@@ -1,0 +1,38 @@
+# distill_llm: `make setup` builds .venv with the exact versions we test; `make test` runs the
+# whole suite; `make lint` runs ruff.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+# On a machine without CUDA take the CPU build of torch first: a bare `torch` requirement
+# would otherwise pull a multi-GB CUDA build.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_CUDA),1)
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt
+else
+	$(PIP) install -q torch==2.13.0
+	cp constraints.txt $(VENV)/constraints.txt
+endif
+	$(PIP) install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/step_time.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,19 @@
+"""distill_llm: knowledge distillation of GPT-style LLMs on megatron-core and ModelOpt.
+
+Importing the package is cheap; megatron-core and ModelOpt load when an entry point runs.
+"""
+
+from distill_llm.api import default_student, distill, init_model, pretrain
+from distill_llm.data import DataConfig
+from distill_llm.errors import ConfigError
+from distill_llm.kd import KDConfig
+from distill_llm.model import ModelConfig
+from distill_llm.parallel import ParallelConfig
+from distill_llm.training import OptimConfig, TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DataConfig", "KDConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "TrainConfig", "default_student", "distill", "init_model", "pretrain",
+]

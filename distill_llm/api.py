@@ -1,0 +1,200 @@
+"""Entry points: `distill` (student learns from a frozen teacher) and `pretrain` (same loop, no
+teacher). Both take plain dataclass configs, so Fiddle and NeMo-Run can build and launch them.
+
+Launch (one process per tensor-parallel rank, times data-parallel replicas):
+    torchrun --nproc_per_node=2 -m distill_llm.launch ...      # see distill_llm/launch.py
+or call them from Python inside any torchrun-started script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from distill_llm import checkpoint
+from distill_llm import kd as kd_lib
+from distill_llm import parallel as dist
+from distill_llm.data import BatchPlan, DataConfig, DataModule
+from distill_llm.errors import ConfigError
+from distill_llm.kd import KDConfig
+from distill_llm.model import ModelConfig, build_gpt
+from distill_llm.parallel import ParallelConfig
+from distill_llm.run_dir import write_config
+from distill_llm.training import OptimConfig, TrainConfig, Trainer
+
+
+def default_student(teacher: ModelConfig) -> ModelConfig:
+    """The student used when none is given: the teacher's architecture at half its depth."""
+    return dataclasses.replace(teacher, num_layers=max(1, teacher.num_layers // 2))
+
+
+def _data_module(data: DataConfig, train: TrainConfig, model: ModelConfig, dp_size: int):
+    from megatron.core import parallel_state
+
+    plan = BatchPlan(
+        micro_batch_size=train.micro_batch_size,
+        global_batch_size=train.global_batch_size,
+        data_parallel_size=dp_size,
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+    )
+    return DataModule(
+        data,
+        seq_length=train.seq_length,
+        vocab_size=model.vocab_size,
+        plan=plan,
+        train_samples=train.steps * train.global_batch_size,
+        valid_samples=train.val_batches * train.global_batch_size,
+        seed=train.seed,
+    )
+
+
+def _check_common(train, optim, parallel_cfg) -> int:
+    train.validate()
+    optim.validate(train.steps)
+    return parallel_cfg.validate(dist.world_size_from_env())
+
+
+def distill(
+    teacher: str,
+    student: ModelConfig | None = None,
+    student_checkpoint: str | None = None,
+    kd: KDConfig | None = None,
+    data: DataConfig | None = None,
+    train: TrainConfig | None = None,
+    optim: OptimConfig | None = None,
+    parallel: ParallelConfig | None = None,
+    run_dir: str = "runs/distill",
+) -> dict:
+    """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
+
+    `student` is the student architecture; if None it comes from `student_checkpoint`, or, with
+    neither, is `default_student(teacher architecture)`. The student starts from
+    `student_checkpoint` when given, else from a fresh initialisation. The run writes into
+    `run_dir` (see distill_llm.run_dir) and resumes from its `latest` checkpoint if present.
+    """
+    kd = kd or KDConfig()
+    data, train = data or DataConfig(), train or TrainConfig()
+    optim, parallel = optim or OptimConfig(), parallel or ParallelConfig()
+
+    # Every check a user can fail runs before any process group or model exists.
+    dp_size = _check_common(train, optim, parallel)
+    kd.validate()
+    teacher_cfg = checkpoint.model_config_of(teacher)
+    if student is None:
+        student = (
+            checkpoint.model_config_of(student_checkpoint)
+            if student_checkpoint
+            else default_student(teacher_cfg)
+        )
+    elif student_checkpoint:
+        checkpoint.read_metadata(student_checkpoint)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    kd_lib.check_compatible(
+        student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
+    )
+
+    run_path = Path(run_dir)
+    dist.initialize(parallel, train.seed)
+    write_config(run_path, {
+        "entry_point": "distill",
+        "teacher": str(teacher),
+        "teacher_model": teacher_cfg.to_dict(),
+        "student_model": student.to_dict(),
+        "student_checkpoint": student_checkpoint,
+        "kd": dataclasses.asdict(kd),
+        "data": dataclasses.asdict(data),
+        "train": dataclasses.asdict(train),
+        "optim": dataclasses.asdict(optim),
+        "parallel": dataclasses.asdict(parallel),
+    })
+    dtype = parallel.params_dtype
+    teacher_model = build_gpt(teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp,
+                              params_dtype=dtype)
+    checkpoint.load_model(teacher, teacher_model, teacher_cfg, role="teacher")
+    student_model = build_gpt(student, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
+    if student_checkpoint:
+        checkpoint.load_model(student_checkpoint, student_model, student, role="student")
+    model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
+    trainer = Trainer(
+        model=model,
+        student_cfg=student,
+        data=_data_module(data, train, student, dp_size),
+        train=train,
+        optim=optim,
+        parallel_cfg=parallel,
+        run_dir=run_path,
+        is_distillation=True,
+    )
+    return trainer.fit()
+
+
+def pretrain(
+    model: ModelConfig | None = None,
+    init_checkpoint: str | None = None,
+    data: DataConfig | None = None,
+    train: TrainConfig | None = None,
+    optim: OptimConfig | None = None,
+    parallel: ParallelConfig | None = None,
+    run_dir: str = "runs/pretrain",
+) -> dict:
+    """Train a GPT on its own language-model loss (teachers, same-budget baselines).
+
+    Same loop, run directory and checkpoints as `distill`, without a teacher.
+    """
+    data, train = data or DataConfig(), train or TrainConfig()
+    optim, parallel = optim or OptimConfig(), parallel or ParallelConfig()
+    dp_size = _check_common(train, optim, parallel)
+    if model is None:
+        model = checkpoint.model_config_of(init_checkpoint) if init_checkpoint else ModelConfig()
+    elif init_checkpoint:
+        checkpoint.read_metadata(init_checkpoint)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    model.validate(tp, pp, role="model")
+    kd_lib.check_seq_length(model, train.seq_length, "model")
+
+    run_path = Path(run_dir)
+    dist.initialize(parallel, train.seed)
+    write_config(run_path, {
+        "entry_point": "pretrain",
+        "model": model.to_dict(),
+        "init_checkpoint": init_checkpoint,
+        "data": dataclasses.asdict(data),
+        "train": dataclasses.asdict(train),
+        "optim": dataclasses.asdict(optim),
+        "parallel": dataclasses.asdict(parallel),
+    })
+    gpt = build_gpt(model, tensor_parallel=tp, pipeline_parallel=pp,
+                    params_dtype=parallel.params_dtype)
+    if init_checkpoint:
+        checkpoint.load_model(init_checkpoint, gpt, model, role="model")
+    trainer = Trainer(
+        model=gpt,
+        student_cfg=model,
+        data=_data_module(data, train, model, dp_size),
+        train=train,
+        optim=optim,
+        parallel_cfg=parallel,
+        run_dir=run_path,
+        is_distillation=False,
+    )
+    return trainer.fit()
+
+
+def init_model(model: ModelConfig, output_dir: str, seed: int = 1234,
+               parallel: ParallelConfig | None = None) -> str:
+    """Write a freshly initialised model as a checkpoint (e.g. a fixed random teacher)."""
+    parallel = parallel or ParallelConfig()
+    parallel.validate(dist.world_size_from_env())
+    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel)
+    dist.initialize(parallel, seed)
+    gpt = build_gpt(model, tensor_parallel=parallel.tensor_parallel,
+                    pipeline_parallel=parallel.pipeline_parallel,
+                    params_dtype=parallel.params_dtype)
+    checkpoint.save_model(output_dir, gpt, model, step=0)
+    return output_dir
+
+
+__all__ = [
+    "ConfigError", "DataConfig", "KDConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "TrainConfig", "default_student", "distill", "init_model", "pretrain",
+]

@@ -1,0 +1,230 @@
+"""Checkpoints on megatron-core dist_checkpointing: atomic saves, a `latest` pointer, resume.
+
+Layout of a training checkpoint directory `checkpoints/iter_0000042/`:
+  - dist_checkpointing files: the student's weights (never the teacher's), optimizer state,
+    LR scheduler state and the training position (step, consumed samples), loadable at any
+    TP size;
+  - `rng/rank_<r>.pt`: each rank's RNG states (used when resuming on the same layout);
+  - `distill_llm.json`: the student architecture, so the directory alone describes the model.
+A model-only checkpoint (`final/`, or any teacher/student given to `distill`) has the weights
+under the key prefix `model.` and the same `distill_llm.json`.
+
+A save is written to `iter_N.tmp/` and renamed once every rank has finished, then `latest` is
+replaced atomically: a process killed mid-save leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill_llm import parallel
+from distill_llm.errors import ConfigError
+from distill_llm.model import ModelConfig
+
+META_FILE = "distill_llm.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+
+def _iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The `distill_llm.json` of a checkpoint directory, or a ConfigError naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint directory {str(path)!r} does not exist")
+    meta = path / META_FILE
+    if not meta.is_file():
+        raise ConfigError(
+            f"{str(path)!r} is not a distill_llm checkpoint (no {META_FILE}); give a directory "
+            "written by distill_llm (a run's final/ or checkpoints/iter_N/)"
+        )
+    return json.loads(meta.read_text())
+
+
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The architecture stored with a checkpoint."""
+    return ModelConfig.from_dict(read_metadata(path)["model"])
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    """The checkpoint `latest` points at, or None when there is none yet."""
+    pointer = Path(ckpt_root) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    target = Path(ckpt_root) / pointer.read_text().strip()
+    if not (target / META_FILE).is_file():
+        raise ConfigError(
+            f"{pointer} points at {target.name}, which is missing or incomplete; point it at an "
+            "existing iter_N directory or delete it to start over"
+        )
+    return target
+
+
+def _save_dir(sharded_state: dict, final_dir: Path, metadata: dict) -> None:
+    """Write `sharded_state` to `final_dir` atomically (through `final_dir.tmp`)."""
+    from megatron.core import dist_checkpointing
+
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if parallel.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+    dist_checkpointing.save(sharded_state, str(tmp), validate_access_integrity=False)
+    rng_dir = tmp / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank_{parallel.rank()}.pt")
+    parallel.barrier()
+    if parallel.is_main():
+        _write_atomic(tmp / META_FILE, json.dumps(metadata, indent=2))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+        _fsync_dir(final_dir.parent)
+    parallel.barrier()
+
+
+def _metadata(model_cfg: ModelConfig, **extra) -> dict:
+    from megatron.core import parallel_state
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model_cfg.to_dict(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "world_size": torch.distributed.get_world_size(),
+        **extra,
+    }
+
+
+def save_training(
+    ckpt_root: str | Path,
+    *,
+    step: int,
+    consumed_samples: int,
+    model,
+    optimizer,
+    scheduler,
+    model_cfg: ModelConfig,
+) -> Path:
+    """Save a resumable training checkpoint and point `latest` at it."""
+    ckpt_root = Path(ckpt_root)
+    model_sd = model.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "scheduler": scheduler.state_dict(),
+        "progress": {"step": step, "consumed_samples": consumed_samples},
+    }
+    target = ckpt_root / _iter_name(step)
+    _save_dir(state, target, _metadata(model_cfg, step=step, consumed_samples=consumed_samples))
+    if parallel.is_main():
+        _write_atomic(ckpt_root / LATEST_FILE, target.name)
+    parallel.barrier()
+    return target
+
+
+def load_training(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and (same layout only) RNG states from `path`.
+
+    Returns the training position `{"step", "consumed_samples"}`.
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(path)
+    model_sd = model.sharded_state_dict()
+    template = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "scheduler": scheduler.state_dict(),
+        "progress": {"step": 0, "consumed_samples": 0},
+    }
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(template, str(path))
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rng_file = path / "rng" / f"rank_{parallel.rank()}.pt"
+    if meta["world_size"] == torch.distributed.get_world_size() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return dict(loaded["progress"])
+
+
+def save_model(path: str | Path, module, model_cfg: ModelConfig, **extra) -> Path:
+    """Save one model's weights alone (no optimizer) as a loadable checkpoint directory."""
+    path = Path(path)
+    _save_dir({"model": module.sharded_state_dict()}, path, _metadata(model_cfg, **extra))
+    return path
+
+
+def load_model(path: str | Path, module, model_cfg: ModelConfig, role: str) -> None:
+    """Load weights saved by `save_model` (any TP size) into `module`, checking the architecture."""
+    from megatron.core import dist_checkpointing
+
+    stored = model_config_of(path)
+    if stored != model_cfg:
+        diff = {
+            k: (v, getattr(model_cfg, k))
+            for k, v in stored.to_dict().items()
+            if getattr(model_cfg, k) != v
+        }
+        raise ConfigError(
+            f"{role} checkpoint {str(path)!r} holds a different architecture "
+            f"(field: (checkpoint, config)) {diff}; leave the {role} config unset to use the "
+            "checkpoint's own"
+        )
+    with torch.no_grad():
+        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+        module.load_state_dict(loaded["model"])

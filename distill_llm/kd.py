@@ -1,0 +1,173 @@
+"""Knowledge distillation through ModelOpt's Megatron plugin: config, up-front checks, the
+student+teacher wrapper and the masked, TP/DP-correct loss reduction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MethodType
+
+import torch
+
+from distill_llm.errors import ConfigError
+from distill_llm.model import ModelConfig
+
+INTERMEDIATE_LOSSES = ("cosine", "mse")
+
+
+@dataclass
+class KDConfig:
+    """What the student learns from the teacher.
+
+    The logits loss is ModelOpt's forward KL, KL(p_teacher || p_student), with both logits divided
+    by `temperature` first and NOT multiplied by T^2 afterwards (ModelOpt's convention).
+    """
+
+    temperature: float = 1.0  # softens both distributions; 1.0 = the models' own
+    skip_lm_loss: bool = True  # train on the KD loss alone (the LM loss is still logged)
+    kd_loss_scale: float = 1.0  # with skip_lm_loss=False: KD weight after ModelOpt rescales it
+    # to the LM loss's magnitude, so total = LM + kd_loss_scale x LM-sized KD
+    intermediate_pairs: list = field(default_factory=list)  # [student_module, teacher_module,
+    # "cosine"|"mse"] triples, e.g. ["decoder.final_layernorm", "decoder.final_layernorm", "cosine"]
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
+        if not self.kd_loss_scale > 0:
+            raise ConfigError(f"kd.kd_loss_scale must be > 0, got {self.kd_loss_scale}")
+        for pair in self.intermediate_pairs:
+            if len(pair) not in (2, 3) or (len(pair) == 3 and pair[2] not in INTERMEDIATE_LOSSES):
+                raise ConfigError(
+                    f"kd.intermediate_pairs entry {list(pair)} must be [student_module, "
+                    f"teacher_module] or [student_module, teacher_module, one of "
+                    f"{list(INTERMEDIATE_LOSSES)}]"
+                )
+
+
+def check_compatible(
+    student: ModelConfig,
+    teacher: ModelConfig,
+    *,
+    seq_length: int,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+) -> None:
+    """Refuse, before anything heavy runs, a teacher/student pair that cannot be distilled."""
+    student.validate(tensor_parallel, pipeline_parallel, role="student")
+    teacher.validate(tensor_parallel, pipeline_parallel, role="teacher")
+    s_vocab = student.padded_vocab_size(tensor_parallel)
+    t_vocab = teacher.padded_vocab_size(tensor_parallel)
+    if s_vocab != t_vocab:
+        raise ConfigError(
+            f"padded vocab sizes differ: student {s_vocab} (vocab_size {student.vocab_size}) vs "
+            f"teacher {t_vocab} (vocab_size {teacher.vocab_size}); both models must use the "
+            "same tokenizer and make_vocab_size_divisible_by"
+        )
+    check_seq_length(student, seq_length, "student")
+    check_seq_length(teacher, seq_length, "teacher")
+
+
+def check_seq_length(model: ModelConfig, seq_length: int, role: str) -> None:
+    if seq_length > model.max_seq_length:
+        raise ConfigError(
+            f"seq_length {seq_length} is beyond the {role}'s max_seq_length "
+            f"{model.max_seq_length}; lower train.seq_length"
+        )
+
+
+def _guarded_lm_loss(skip_lm_loss: bool):
+    """The student's `compute_language_model_loss`, made safe for distillation.
+
+    megatron's `vocab_parallel_cross_entropy` overwrites its logits argument in place, and its
+    `.float()` makes no copy of fp32 logits. The KD loss reads the same logits tensor afterwards
+    (captured by ModelOpt's forward hook), so without a copy it would silently see softmax
+    probabilities instead of logits. The CE therefore gets its own copy whenever it would alias.
+    With `skip_lm_loss` in training the CE does not enter the gradient: it runs under no_grad
+    on a copy, for logging only.
+    """
+
+    def compute_language_model_loss(self, labels, logits):
+        upstream = type(self).compute_language_model_loss
+        if skip_lm_loss and self.training:
+            with torch.no_grad():
+                return upstream(self, labels, logits.detach().clone())
+        safe = logits.clone() if logits.dtype == torch.float32 else logits
+        return upstream(self, labels, safe)
+
+    return compute_language_model_loss
+
+
+def build_distillation_model(student, teacher, kd: KDConfig):
+    """Wrap `student` (a GPTModel) with the frozen `teacher` via ModelOpt.
+
+    The result runs both forwards (teacher under no_grad, in eval mode), backpropagates through
+    the student only, and hides the teacher from `state_dict` / `sharded_state_dict`.
+    """
+    import modelopt.torch.distill as mtd
+    from modelopt.torch.distill.plugins import megatron as mtd_mcore
+
+    pairs = [tuple(p) for p in kd.intermediate_pairs]
+    for pair in pairs:
+        for model, name, role in ((student, pair[0], "student"), (teacher, pair[1], "teacher")):
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(
+                    f"kd.intermediate_pairs: the {role} has no module {name!r}; use a name from "
+                    f"its named_modules(), e.g. 'decoder.final_layernorm'"
+                ) from None
+    cfg = mtd_mcore.DistillationConfig(
+        intermediate_layer_pairs=pairs,
+        skip_lm_loss=kd.skip_lm_loss,
+        kd_loss_scale=kd.kd_loss_scale,
+        logit_kl_temperature=kd.temperature,
+    )
+    cfg = mtd_mcore.setup_distillation_config(cfg, student.config, teacher.config)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    model = mtd.convert(
+        student,
+        mode=[
+            (
+                "kd_loss",
+                {
+                    "teacher_model": teacher,
+                    "criterion": cfg.criterion,
+                    "loss_balancer": cfg.loss_balancer,
+                },
+            )
+        ],
+    )
+    mtd_mcore.adjust_distillation_model_for_mcore(model, cfg)
+    model.compute_language_model_loss = MethodType(_guarded_lm_loss(kd.skip_lm_loss), model)
+    return model
+
+
+def masked_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of a `[b, s]` per-token loss over positions where `loss_mask` ([b, s]) is 1."""
+    return (per_token.float().reshape(-1) * loss_mask.reshape(-1).float()).sum()
+
+
+def kd_loss_terms(model, lm_sum: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """KD losses of the last forward, each summed over unmasked tokens of this micro-batch.
+
+    ModelOpt's losses return `(per_token [b, s], tp_reduce, sequence_parallel)`. For the logits
+    KL under TP each rank holds the KL summed over its own vocabulary shard, so the token sums
+    are added across the TP group; the gather keeps each rank's gradient its own (a plain
+    all-reduce would multiply the gradient by the TP size).
+    Returns `total` (what is backpropagated), `logits` and `intermediate`.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def reduce(loss):
+        per_token, tp_reduce, _sequence_parallel = loss
+        total = masked_sum(per_token, loss_mask)
+        if tp_reduce and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            total = gather_from_tensor_model_parallel_region(total.reshape(1)).sum()
+        return total
+
+    out = model.compute_kd_loss(student_loss=lm_sum, loss_reduction_fn=reduce)
+    intermediate = out["intermediate_loss"]
+    if not torch.is_tensor(intermediate):
+        intermediate = lm_sum.new_tensor(float(intermediate))
+    return {"total": out["kd_loss"], "logits": out["logits_loss"], "intermediate": intermediate}

@@ -1,0 +1,227 @@
+"""GPT architectures: one dataclass, turned into a megatron-core TransformerConfig and GPTModel."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from distill_llm.errors import ConfigError
+
+Normalization = Literal["RMSNorm", "LayerNorm"]
+Activation = Literal["swiglu", "gelu", "squared_relu"]
+PositionEmbedding = Literal["rope", "learned_absolute"]
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only GPT architecture. Defaults describe a tiny CPU-sized Llama-like model."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256  # width of the MLP; per branch when gated (SwiGLU)
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA key/value heads; None = one per attention head
+    kv_channels: int | None = None  # per-head width; None = hidden_size / num_attention_heads
+    vocab_size: int = 1024  # the tokenizer's real vocabulary, before Megatron padding
+    max_seq_length: int = 256  # longest sequence the positions support
+    position_embedding: PositionEmbedding = "rope"
+    rotary_base: int = 10000
+    rope_scaling: bool = False  # Llama 3.x frequency scaling
+    rope_scaling_factor: float = 8.0
+    normalization: Normalization = "RMSNorm"
+    activation: Activation = "swiglu"
+    add_bias_linear: bool = False  # biases on every linear layer
+    add_qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
+    tie_embeddings: bool = False  # output layer shares the input embedding
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this x TP
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        """Vocabulary size padded the Megatron way: up to a multiple of divisor x TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unsharded model at TP=1 (embeddings included)."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.padded_vocab_size()
+        q = self.num_attention_heads * self.head_dim
+        kv = 2 * self.query_groups * self.head_dim
+        bias = self.add_bias_linear
+        attn = h * (q + kv) + q * h + ((q + kv) if (bias or self.add_qkv_bias) else 0)
+        attn += h if bias else 0
+        gated = 2 if self.activation == "swiglu" else 1
+        mlp = h * f * gated + f * h + ((f * gated + h) if bias else 0)
+        norm = h * (2 if self.normalization == "LayerNorm" else 1)
+        per_layer = attn + mlp + 2 * norm
+        embed = v * h + (self.max_seq_length * h if self.position_embedding != "rope" else 0)
+        output = 0 if self.tie_embeddings else v * h
+        return self.num_layers * per_layer + embed + output + norm
+
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, role: str = "model"):
+        """Raise ConfigError when the architecture cannot be laid out on this parallel grid."""
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ConfigError(
+                f"{role}: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}; set kv_channels explicitly"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(
+                f"{role}: num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_query_groups {self.query_groups}"
+            )
+        if self.num_attention_heads % tensor_parallel:
+            raise ConfigError(
+                f"{role}: num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"tensor_parallel {tensor_parallel}; choose a TP size that divides it"
+            )
+        if self.query_groups % tensor_parallel:
+            raise ConfigError(
+                f"{role}: num_query_groups {self.query_groups} is not divisible by "
+                f"tensor_parallel {tensor_parallel}; choose a TP size that divides it"
+            )
+        if self.ffn_hidden_size % tensor_parallel:
+            raise ConfigError(
+                f"{role}: ffn_hidden_size {self.ffn_hidden_size} is not divisible by "
+                f"tensor_parallel {tensor_parallel}"
+            )
+        if self.num_layers % pipeline_parallel:
+            raise ConfigError(
+                f"{role}: num_layers {self.num_layers} is not divisible by "
+                f"pipeline_parallel {pipeline_parallel}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _activation(name: str):
+    from megatron.core.activations import squared_relu
+
+    if name == "swiglu":
+        return F.silu, True
+    if name == "gelu":
+        return F.gelu, False
+    if name == "squared_relu":
+        return squared_relu, False
+    raise ConfigError(f"unknown activation {name!r}; choose swiglu, gelu or squared_relu")
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+):
+    """The megatron-core TransformerConfig for `cfg` on the given parallel grid."""
+    from megatron.core.transformer import TransformerConfig
+
+    activation, gated = _activation(cfg.activation)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        kv_channels=cfg.head_dim,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # Fusions need apex/TE kernels; the unfused paths run everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        bias_dropout_fusion=False,
+        # Loss is summed per token and divided by the global token count at the end, so
+        # micro-batch and DP splits of one global batch give the same gradient.
+        calculate_per_token_loss=True,
+    )
+
+
+def layer_spec(cfg: ModelConfig):
+    """TransformerEngine layer spec on a GPU with TE installed, else megatron-core's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if torch.cuda.is_available():
+        try:
+            import transformer_engine  # noqa: F401
+
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+def build_gpt(
+    cfg: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+):
+    """Build this rank's GPTModel shard (parallel_state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(
+        cfg,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        params_dtype=params_dtype,
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size(tensor_parallel),
+        max_sequence_length=cfg.max_seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type=cfg.position_embedding,
+        rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,118 @@
+"""torch.distributed and megatron-core parallel_state: process groups, devices and seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from distill_llm import cpu_compat
+from distill_llm.errors import ConfigError
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is laid out. Data parallel is derived: world size / (TP x PP)."""
+
+    tensor_parallel: int = 1  # splits each layer's weights across this many processes
+    pipeline_parallel: int = 1  # splits the layers into this many stages (plumbing only for now)
+    precision: Precision = "fp32"  # parameter and compute dtype; bf16 keeps fp32 master weights
+    use_distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def validate(self, world_size: int) -> int:
+        """Return the data-parallel size, or raise ConfigError if the grid does not fit."""
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision {self.precision!r} is not supported; use fp32 or bf16")
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ConfigError("tensor_parallel and pipeline_parallel must be at least 1")
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x "
+                f"pipeline_parallel = {model_parallel}; launch a multiple of {model_parallel} "
+                "processes (torchrun --nproc_per_node)"
+            )
+        if self.pipeline_parallel > 1:
+            raise ConfigError(
+                "pipeline_parallel > 1 is not supported yet; use tensor or data parallel"
+            )
+        return world_size // model_parallel
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def initialize(parallel: ParallelConfig, seed: int) -> None:
+    """Start torch.distributed (gloo on CPU, nccl on GPU), parallel_state and all RNGs.
+
+    Works under torchrun and as a plain single process (a one-rank group on a free port).
+    Calling it again with the same layout is a no-op; a different layout rebuilds the groups.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.apply()
+    parallel.validate(world_size_from_env())
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend)
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor_parallel
+            and parallel_state.get_pipeline_model_parallel_world_size()
+            == parallel.pipeline_parallel
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+        )
+    seed_everything(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch. The same seed on every rank: weights are initialised
+    identically on data-parallel replicas, and megatron's tracker derives per-TP-rank streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,319 @@
+"""The training loop on megatron-core: micro-batches, DDP, optimizer, schedule, validation,
+checkpoints. It trains a plain GPT (pretraining) or a ModelOpt distillation wrapper alike."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from distill_llm import checkpoint, kd, parallel
+from distill_llm.data import DataModule
+from distill_llm.errors import ConfigError
+from distill_llm.model import ModelConfig
+from distill_llm.run_dir import RunLog
+
+# Per micro-batch the loss function reports these token sums, in this order.
+_REPORT = ("lm", "kd", "intermediate", "tokens")
+
+
+@dataclass
+class TrainConfig:
+    """How long and on what batches to train, and how often to log, validate and save."""
+
+    steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # sequences per forward pass on one data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step, over all micro-batches and DP ranks
+    seq_length: int = 128  # tokens per sequence
+    log_every: int = 1  # steps between train entries in metrics.jsonl
+    val_every: int = 50  # steps between validations (0: only after the last step)
+    val_batches: int = 2  # global batches of held-out data per validation
+    save_every: int = 0  # steps between checkpoints (0: only after the last step)
+    seed: int = 1234  # weights init, dropout, data order
+
+    def validate(self) -> None:
+        for name in ("steps", "log_every", "val_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.seq_length < 2:
+            raise ConfigError(f"train.seq_length must be at least 2, got {self.seq_length}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to `min_lr`."""
+
+    lr: float = 3e-4  # peak learning rate, reached after the warm-up
+    min_lr: float = 3e-5  # floor of the cosine decay
+    warmup_steps: int = 10  # linear warm-up from 0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global gradient norm (0 disables clipping)
+
+    def validate(self, steps: int) -> None:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"optim: need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, "
+                              f"{self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def build_optimizer(ddp_model, optim: OptimConfig, train: TrainConfig, parallel_cfg):
+    """megatron-core optimizer (AdamW, fp32 master weights under bf16) and LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = parallel_cfg.precision == "bf16"
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=bf16,
+        params_dtype=parallel_cfg.params_dtype,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp_model])
+    warmup = min(optim.warmup_steps, max(train.steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(train.steps, 1),  # megatron needs > 0
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(train.steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def wrap_ddp(model, parallel_cfg):
+    """megatron-core DistributedDataParallel with fp32 gradient accumulation."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+        average_in_collective=False,  # the loss is a token sum; grads are scaled by 1/tokens
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def _to_device(batch: dict) -> dict:
+    if torch.cuda.is_available():
+        return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def _loss_func(loss_mask, distill_model, output_tensor):
+    """Token-summed loss of one micro-batch, with its token count and report sums."""
+    lm_sum = kd.masked_sum(output_tensor, loss_mask)
+    tokens = loss_mask.sum().float()
+    if distill_model is None:
+        total, kd_sum, inter_sum = lm_sum, torch.zeros_like(lm_sum), torch.zeros_like(lm_sum)
+    else:
+        terms = kd.kd_loss_terms(distill_model, lm_sum, loss_mask)
+        total, kd_sum, inter_sum = terms["total"], terms["logits"], terms["intermediate"]
+    report = torch.stack([lm_sum.detach(), kd_sum.detach(), inter_sum.detach().float(), tokens])
+    return total, tokens.int(), {"sums": report}
+
+
+def _forward_step(distill_model, data_iterator, model):
+    batch = _to_device(next(data_iterator))
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"], distill_model)
+
+
+def _reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Token-weighted means over all micro-batches and data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    sums = torch.stack([r["sums"] for r in reports]).sum(0) if reports else torch.zeros(4)
+    if torch.cuda.is_available():
+        sums = sums.cuda()
+    torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    sums = dict(zip(_REPORT, sums.tolist()))
+    n = max(sums.pop("tokens"), 1.0)
+    return {k: v / n for k, v in sums.items()}
+
+
+class Trainer:
+    """Runs `train.steps` optimizer steps of `model` (GPT or distillation wrapper)."""
+
+    def __init__(
+        self,
+        *,
+        model,
+        student_cfg: ModelConfig,
+        data: DataModule,
+        train: TrainConfig,
+        optim: OptimConfig,
+        parallel_cfg,
+        run_dir: Path,
+        is_distillation: bool,
+    ):
+        from megatron.core.distributed import finalize_model_grads
+
+        self.train_cfg = train
+        self.data = data
+        self.run_dir = run_dir
+        self.student_cfg = student_cfg
+        self.inner = model
+        self.is_distillation = is_distillation
+        self.ddp = wrap_ddp(model, parallel_cfg)
+        self.optimizer, self.scheduler = build_optimizer(self.ddp, optim, train, parallel_cfg)
+        config = model.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.ddp.no_sync
+        self.step = 0
+        self.consumed_samples = 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def maybe_resume(self) -> bool:
+        latest = checkpoint.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return False
+        progress = checkpoint.load_training(
+            latest, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.step = progress["step"]
+        self.consumed_samples = progress["consumed_samples"]
+        if parallel.is_main():
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+        return True
+
+    def save(self) -> None:
+        checkpoint.save_training(
+            self.ckpt_root,
+            step=self.step,
+            consumed_samples=self.consumed_samples,
+            model=self.ddp,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            model_cfg=self.student_cfg,
+        )
+
+    def save_final(self) -> Path:
+        """The student alone: no teacher, no optimizer, no KD projection layers."""
+        target = self.run_dir / "final"
+        if self.is_distillation:
+            with self.inner.hide_loss_modules():
+                checkpoint.save_model(target, self.inner, self.student_cfg, step=self.step)
+        else:
+            checkpoint.save_model(target, self.inner, self.student_cfg, step=self.step)
+        return target
+
+    # -- steps --------------------------------------------------------------------------------
+    def _forward_backward(self, iterator, num_microbatches: int, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=partial(
+                _forward_step, self.inner if self.is_distillation else None
+            ),
+            data_iterator=iterator,
+            model=[self.ddp],
+            num_microbatches=num_microbatches,
+            seq_length=self.train_cfg.seq_length,
+            micro_batch_size=self.data.plan.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, iterator) -> dict[str, float]:
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._forward_backward(iterator, self.data.plan.num_microbatches, False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"optimizer step {self.step + 1} skipped (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        self.step += 1
+        self.consumed_samples += self.data.plan.global_batch_size
+        losses = _reduce_reports(reports)
+        losses["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return losses
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.ddp.eval()
+        n = self.train_cfg.val_batches
+        reports = self._forward_backward(
+            self.data.valid_batches(n), n * self.data.plan.num_microbatches, True
+        )
+        self.ddp.train()
+        losses = _reduce_reports(reports)
+        return {
+            "kind": "valid",
+            "step": self.step,
+            "val_lm_loss": losses["lm"],
+            "val_ppl": math.exp(min(losses["lm"], 50.0)),
+            "val_kd_loss": losses["kd"] if self.is_distillation else None,
+            "val_intermediate_loss": losses["intermediate"] if self.is_distillation else None,
+        }
+
+    def fit(self) -> dict:
+        """Train to `train.steps`, resuming from `latest` if the run directory has one."""
+        cfg = self.train_cfg
+        self.maybe_resume()
+        log = RunLog(self.run_dir, cfg.steps, self.step)
+        tokens_per_step = self.data.plan.global_batch_size * cfg.seq_length
+        iterator = self.data.train_batches(self.consumed_samples)
+        step_times: list[float] = []
+        last_valid = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                losses = self.train_step(iterator)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    recent = step_times[-20:]
+                    mean_dt = sum(recent) / len(recent)
+                    log.log({
+                        "kind": "train",
+                        "step": self.step,
+                        "lm_loss": losses["lm"],
+                        "kd_loss": losses["kd"] if self.is_distillation else None,
+                        "intermediate_loss": losses["intermediate"] if self.is_distillation
+                        else None,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": losses["grad_norm"],
+                        "tokens_per_s": tokens_per_step / dt,
+                        "step_time_s": dt,
+                        "eta_s": mean_dt * (cfg.steps - self.step),
+                    })
+                if cfg.val_every and self.step % cfg.val_every == 0 and self.step < cfg.steps:
+                    last_valid = self.validate()
+                    log.log(last_valid)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+            last_valid = self.validate()
+            log.log(last_valid)
+            self.save()
+            final = self.save_final()
+        finally:
+            log.close()
+        return {"step": self.step, "final": str(final), "valid": last_valid}

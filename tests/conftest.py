@@ -1,0 +1,47 @@
+"""Shared helpers: tiny architectures and a launcher for tests/worker.py under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+# A tiny teacher and a smaller student that share a 1000-token vocabulary (padded to 1024).
+TEACHER = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+               num_query_groups=2, vocab_size=1000, max_seq_length=64)
+STUDENT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+               num_query_groups=2, vocab_size=1000, max_seq_length=64)
+
+
+def run_worker(tmp_path: Path, ops: list, nproc: int = 1, kill: dict | None = None,
+               expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `ops` in tests/worker.py with `nproc` processes (torchrun, gloo)."""
+    spec = tmp_path / f"spec_{abs(hash(json.dumps(ops, sort_keys=True)))}.json"
+    spec.write_text(json.dumps({"ops": ops, "kill": kill or {}}))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(WORKER), str(spec)]
+    else:
+        cmd = [sys.executable, str(WORKER), str(spec)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_cfg(**overrides) -> dict:
+    cfg = dict(steps=3, micro_batch_size=2, global_batch_size=4, seq_length=32, val_every=0,
+               val_batches=1, log_every=1, seed=1234)
+    cfg.update(overrides)
+    return cfg
+
+
+OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=1)

@@ -1,0 +1,93 @@
+"""Runs a list of distill_llm operations from a JSON spec, under torchrun or alone.
+
+    torchrun --nproc_per_node=2 tests/worker.py spec.json
+
+Ops: init_model, distill, pretrain, logits (gathered full-vocab logits of a checkpoint for fixed
+tokens, saved by rank 0). `kill` simulates a crash: {"after_save": N} SIGKILLs the process right
+after the N-th training checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save
+after the shards are written but before the checkpoint is committed.
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+
+def _kill_hooks(kill: dict) -> None:
+    from megatron.core import dist_checkpointing
+
+    from distill_llm import checkpoint
+
+    if "after_save" in kill:
+        real, count = checkpoint.save_training, [0]
+
+        def save_then_die(*args, **kwargs):
+            out = real(*args, **kwargs)
+            count[0] += 1
+            if count[0] == kill["after_save"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        checkpoint.save_training = save_then_die
+    if "during_save" in kill:
+        real_save, count = dist_checkpointing.save, [0]
+
+        def die_mid_save(*args, **kwargs):
+            out = real_save(*args, **kwargs)
+            count[0] += 1
+            if count[0] == kill["during_save"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        dist_checkpointing.save = die_mid_save
+
+
+def _logits(op: dict) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from distill_llm import checkpoint, parallel
+    from distill_llm.model import build_gpt
+
+    cfg = checkpoint.model_config_of(op["checkpoint"])
+    tp = op.get("tensor_parallel", 1)
+    parallel.initialize(parallel.ParallelConfig(tensor_parallel=tp), seed=op.get("seed", 99))
+    model = build_gpt(cfg, tensor_parallel=tp)
+    checkpoint.load_model(op["checkpoint"], model, cfg, role="model")
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+    if parallel.is_main():
+        torch.save(logits[..., : cfg.vocab_size].clone(), op["out"])
+
+
+def main(spec_path: str) -> None:
+    torch.set_num_threads(1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 2)
+    spec = json.loads(open(spec_path).read())
+    import distill_llm as dl
+
+    _kill_hooks(spec.get("kill", {}))
+    for op in spec["ops"]:
+        kind = op.pop("op")
+        if kind == "logits":
+            _logits(op)
+            continue
+        make = {
+            "model": dl.ModelConfig, "student": dl.ModelConfig, "kd": dl.KDConfig,
+            "data": dl.DataConfig, "train": dl.TrainConfig, "optim": dl.OptimConfig,
+            "parallel": dl.ParallelConfig,
+        }
+        kwargs = {k: make[k](**v) if k in make and v is not None else v for k, v in op.items()}
+        getattr(dl, kind)(**kwargs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
