@@ -49,9 +49,12 @@ def _data_module(data: DataConfig, train: TrainConfig, model: ModelConfig, dp_si
 
 
 def _check_common(train, optim, parallel_cfg) -> int:
+    """Check the settings every entry point shares; returns the data-parallel size."""
     train.validate()
     optim.validate(train.steps)
-    return parallel_cfg.validate(dist.world_size_from_env())
+    dp_size = parallel_cfg.validate(dist.world_size_from_env())
+    BatchPlan(train.micro_batch_size, train.global_batch_size, dp_size)  # raises if uneven
+    return dp_size
 
 
 def distill(

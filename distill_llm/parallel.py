@@ -64,14 +64,18 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     cpu_compat.apply()
     parallel.validate(world_size_from_env())
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # launched by torchrun (or Slurm via torchrun)
+            torch.distributed.init_process_group(backend=backend)
+        else:  # a plain process: a one-rank group, leaving the environment untouched
+            torch.distributed.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor_parallel

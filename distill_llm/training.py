@@ -196,7 +196,7 @@ class Trainer:
         if latest is None:
             return False
         progress = checkpoint.load_training(
-            latest, model=self.ddp, optimizer=self.optimizer, scheduler=self.scheduler
+            latest, model=self.inner, optimizer=self.optimizer, scheduler=self.scheduler
         )
         self.step = progress["step"]
         self.consumed_samples = progress["consumed_samples"]
@@ -209,7 +209,7 @@ class Trainer:
             self.ckpt_root,
             step=self.step,
             consumed_samples=self.consumed_samples,
-            model=self.ddp,
+            model=self.inner,  # not the DDP wrapper: same tensor keys as final/
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             model_cfg=self.student_cfg,
@@ -277,8 +277,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to `train.steps`, resuming from `latest` if the run directory has one."""
         cfg = self.train_cfg
-        self.maybe_resume()
+        resumed = self.maybe_resume()
         log = RunLog(self.run_dir, cfg.steps, self.step)
+        if not resumed and cfg.val_every:
+            log.log(self.validate())  # the starting point of every validation curve
         tokens_per_step = self.data.plan.global_batch_size * cfg.seq_length
         iterator = self.data.train_batches(self.consumed_samples)
         step_times: list[float] = []

@@ -19,18 +19,22 @@ STUDENT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_h
 
 
 def run_worker(tmp_path: Path, ops: list, nproc: int = 1, kill: dict | None = None,
-               expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+               expect_ok: bool = True, timeout: int = 600,
+               teacher_out: str | None = None) -> subprocess.CompletedProcess:
     """Run `ops` in tests/worker.py with `nproc` processes (torchrun, gloo)."""
-    spec = tmp_path / f"spec_{abs(hash(json.dumps(ops, sort_keys=True)))}.json"
-    spec.write_text(json.dumps({"ops": ops, "kill": kill or {}}))
+    body = {"ops": ops, "kill": kill or {}, "teacher_out": teacher_out}
+    spec = tmp_path / f"spec_{abs(hash(json.dumps(body, sort_keys=True)))}.json"
+    spec.write_text(json.dumps(body))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", str(WORKER), str(spec)]
     else:
         cmd = [sys.executable, str(WORKER), str(spec)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, start_new_session=True)
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-6000:]}")

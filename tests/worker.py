@@ -5,7 +5,9 @@
 Ops: init_model, distill, pretrain, logits (gathered full-vocab logits of a checkpoint for fixed
 tokens, saved by rank 0). `kill` simulates a crash: {"after_save": N} SIGKILLs the process right
 after the N-th training checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save
-after the shards are written but before the checkpoint is committed.
+after the shards are written but before the checkpoint is committed. The whole process group
+dies (torchrun, every rank, dist_checkpointing's helper processes), as in a node failure; the
+launcher in conftest.py gives each worker its own group.
 """
 
 import json
@@ -28,7 +30,7 @@ def _kill_hooks(kill: dict) -> None:
             out = real(*args, **kwargs)
             count[0] += 1
             if count[0] == kill["after_save"]:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # with helper processes
             return out
 
         checkpoint.save_training = save_then_die
@@ -39,10 +41,26 @@ def _kill_hooks(kill: dict) -> None:
             out = real_save(*args, **kwargs)
             count[0] += 1
             if count[0] == kill["during_save"]:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # with helper processes
             return out
 
         dist_checkpointing.save = die_mid_save
+
+
+def _record_teacher(path: str) -> None:
+    """After the run, save the in-memory teacher's weights as they were at the end."""
+    import atexit
+
+    from distill_llm import kd
+
+    real = kd.build_distillation_model
+
+    def build(student, teacher, cfg):
+        atexit.register(lambda: torch.save(
+            {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}, path))
+        return real(student, teacher, cfg)
+
+    kd.build_distillation_model = build
 
 
 def _logits(op: dict) -> None:
@@ -75,6 +93,8 @@ def main(spec_path: str) -> None:
     import distill_llm as dl
 
     _kill_hooks(spec.get("kill", {}))
+    if spec.get("teacher_out"):
+        _record_teacher(spec["teacher_out"])
     for op in spec["ops"]:
         kind = op.pop("op")
         if kind == "logits":

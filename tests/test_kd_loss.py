@@ -1,0 +1,111 @@
+"""The KD loss of the ModelOpt path equals an independent plain-torch computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import STUDENT, TEACHER
+from distill_llm import kd, parallel
+from distill_llm.model import ModelConfig, build_gpt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    parallel.initialize(parallel.ParallelConfig(), seed=5)
+
+
+def _batch(b=3, s=24, vocab=1000):
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (b, s), generator=gen)
+    labels = torch.randint(0, vocab, (b, s), generator=gen)
+    mask = (torch.rand(b, s, generator=gen) > 0.3).float()
+    mask[0, :] = 0  # a fully padded row must not count at all
+    positions = torch.arange(s).expand(b, s)
+    return tokens, labels, mask, positions
+
+
+def _independent(s_logits, t_logits, labels, mask, temperature):
+    """KL(p_t || p_s) at temperature T and the student's CE, both means over mask==1."""
+    log_ps = F.log_softmax(s_logits.double() / temperature, dim=-1)
+    log_pt = F.log_softmax(t_logits.double() / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    ce = F.cross_entropy(s_logits.double().flatten(0, 1), labels.flatten(), reduction="none")
+    n = mask.sum()
+    return (kl * mask).sum() / n, (ce.view_as(mask) * mask).sum() / n
+
+
+def _models(seed=21):
+    parallel.seed_everything(seed)
+    teacher = build_gpt(ModelConfig(**TEACHER))
+    student = build_gpt(ModelConfig(**STUDENT))
+    return student, teacher
+
+
+@pytest.mark.parametrize("skip_lm_loss", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature):
+    tokens, labels, mask, pos = _batch()
+    student, teacher = _models()
+    with torch.no_grad():
+        t_logits = teacher(tokens, pos, None)
+    s_logits = student(tokens, pos, None)
+    want_kd, want_ce = _independent(s_logits, t_logits, labels, mask, temperature)
+    want_kd.backward()
+    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+
+    model = kd.build_distillation_model(
+        student, teacher, kd.KDConfig(skip_lm_loss=skip_lm_loss, temperature=temperature)
+    )
+    model.train(training)
+    per_token = model(tokens, pos, None, labels=labels)
+    lm_sum = kd.masked_sum(per_token, mask)
+    terms = kd.kd_loss_terms(model, lm_sum, mask)
+    n = mask.sum()
+    torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)
+    # The LM loss is computed (and logged) in every mode, and is the true CE.
+    torch.testing.assert_close(lm_sum.double() / n, want_ce, rtol=0, atol=1e-5)
+    if skip_lm_loss:
+        torch.testing.assert_close(terms["total"], terms["logits"])
+    else:  # ModelOpt's balancer: KD rescaled to the LM loss magnitude, then added
+        torch.testing.assert_close(terms["total"], 2 * lm_sum, rtol=1e-6, atol=0)
+    if training and skip_lm_loss:
+        (terms["total"] / n).backward()
+        for name, param in model.named_parameters():
+            if param.requires_grad and name in want_grads:
+                torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():
+    """The trap the guard exists for: megatron's CE overwrites fp32 logits in place."""
+    tokens, labels, mask, pos = _batch()
+    student, teacher = _models()
+    with torch.no_grad():
+        want_kd, _ = _independent(student(tokens, pos, None), teacher(tokens, pos, None),
+                                  labels, mask, 1.0)
+    model = kd.build_distillation_model(student, teacher, kd.KDConfig(skip_lm_loss=False))
+    del model.compute_language_model_loss  # back to the unguarded upstream method
+    model.compute_language_model_loss = type(model).compute_language_model_loss.__get__(model)
+    model.train()
+    per_token = model(tokens, pos, None, labels=labels)
+    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    assert abs(terms["logits"].item() / mask.sum().item() - want_kd.item()) > 1e-3
+
+
+def test_intermediate_pairs_are_logged_and_validated():
+    tokens, labels, mask, pos = _batch()
+    student, teacher = _models()
+    pair = ["decoder.final_layernorm", "decoder.final_layernorm", "cosine"]
+    model = kd.build_distillation_model(student, teacher, kd.KDConfig(intermediate_pairs=[pair]))
+    model.train()
+    per_token = model(tokens, pos, None, labels=labels)
+    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    assert terms["intermediate"].item() > 0
+    # cosine loss is at most 2 per token
+    assert terms["intermediate"].item() / mask.sum().item() <= 2.0
+    student2, teacher2 = _models()
+    with pytest.raises(kd.ConfigError, match="student has no module 'decoder.nope'"):
+        kd.build_distillation_model(
+            student2, teacher2, kd.KDConfig(intermediate_pairs=[["decoder.nope", "decoder"]])
+        )
