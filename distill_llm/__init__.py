@@ -14,6 +14,15 @@ from distill_llm.training import OptimConfig, TrainConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataConfig", "KDConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "TrainConfig", "default_student", "distill", "init_model", "pretrain",
+    "ConfigError",
+    "DataConfig",
+    "KDConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "default_student",
+    "distill",
+    "init_model",
+    "pretrain",
 ]

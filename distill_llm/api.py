@@ -98,21 +98,25 @@ def distill(
 
     run_path = Path(run_dir)
     dist.initialize(parallel, train.seed)
-    write_config(run_path, {
-        "entry_point": "distill",
-        "teacher": str(teacher),
-        "teacher_model": teacher_cfg.to_dict(),
-        "student_model": student.to_dict(),
-        "student_checkpoint": student_checkpoint,
-        "kd": dataclasses.asdict(kd),
-        "data": dataclasses.asdict(data),
-        "train": dataclasses.asdict(train),
-        "optim": dataclasses.asdict(optim),
-        "parallel": dataclasses.asdict(parallel),
-    })
+    write_config(
+        run_path,
+        {
+            "entry_point": "distill",
+            "teacher": str(teacher),
+            "teacher_model": teacher_cfg.to_dict(),
+            "student_model": student.to_dict(),
+            "student_checkpoint": student_checkpoint,
+            "kd": dataclasses.asdict(kd),
+            "data": dataclasses.asdict(data),
+            "train": dataclasses.asdict(train),
+            "optim": dataclasses.asdict(optim),
+            "parallel": dataclasses.asdict(parallel),
+        },
+    )
     dtype = parallel.params_dtype
-    teacher_model = build_gpt(teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp,
-                              params_dtype=dtype)
+    teacher_model = build_gpt(
+        teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype
+    )
     checkpoint.load_model(teacher, teacher_model, teacher_cfg, role="teacher")
     student_model = build_gpt(student, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
     if student_checkpoint:
@@ -157,17 +161,21 @@ def pretrain(
 
     run_path = Path(run_dir)
     dist.initialize(parallel, train.seed)
-    write_config(run_path, {
-        "entry_point": "pretrain",
-        "model": model.to_dict(),
-        "init_checkpoint": init_checkpoint,
-        "data": dataclasses.asdict(data),
-        "train": dataclasses.asdict(train),
-        "optim": dataclasses.asdict(optim),
-        "parallel": dataclasses.asdict(parallel),
-    })
-    gpt = build_gpt(model, tensor_parallel=tp, pipeline_parallel=pp,
-                    params_dtype=parallel.params_dtype)
+    write_config(
+        run_path,
+        {
+            "entry_point": "pretrain",
+            "model": model.to_dict(),
+            "init_checkpoint": init_checkpoint,
+            "data": dataclasses.asdict(data),
+            "train": dataclasses.asdict(train),
+            "optim": dataclasses.asdict(optim),
+            "parallel": dataclasses.asdict(parallel),
+        },
+    )
+    gpt = build_gpt(
+        model, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=parallel.params_dtype
+    )
     if init_checkpoint:
         checkpoint.load_model(init_checkpoint, gpt, model, role="model")
     trainer = Trainer(
@@ -183,21 +191,34 @@ def pretrain(
     return trainer.fit()
 
 
-def init_model(model: ModelConfig, output_dir: str, seed: int = 1234,
-               parallel: ParallelConfig | None = None) -> str:
+def init_model(
+    model: ModelConfig, output_dir: str, seed: int = 1234, parallel: ParallelConfig | None = None
+) -> str:
     """Write a freshly initialised model as a checkpoint (e.g. a fixed random teacher)."""
     parallel = parallel or ParallelConfig()
     parallel.validate(dist.world_size_from_env())
     model.validate(parallel.tensor_parallel, parallel.pipeline_parallel)
     dist.initialize(parallel, seed)
-    gpt = build_gpt(model, tensor_parallel=parallel.tensor_parallel,
-                    pipeline_parallel=parallel.pipeline_parallel,
-                    params_dtype=parallel.params_dtype)
+    gpt = build_gpt(
+        model,
+        tensor_parallel=parallel.tensor_parallel,
+        pipeline_parallel=parallel.pipeline_parallel,
+        params_dtype=parallel.params_dtype,
+    )
     checkpoint.save_model(output_dir, gpt, model, step=0)
     return output_dir
 
 
 __all__ = [
-    "ConfigError", "DataConfig", "KDConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "TrainConfig", "default_student", "distill", "init_model", "pretrain",
+    "ConfigError",
+    "DataConfig",
+    "KDConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "default_student",
+    "distill",
+    "init_model",
+    "pretrain",
 ]

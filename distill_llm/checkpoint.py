@@ -31,6 +31,10 @@ from distill_llm.model import ModelConfig
 META_FILE = "distill_llm.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
+# The distributed optimizer's default `fully_sharded_model_space` format fails in megatron-core
+# 0.16.1 ("ShardedTensor.flattened_range is not supported"); `dp_reshardable` works and also
+# reloads at another DP size. Other optimizers ignore it.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _iter_name(step: int) -> str:
@@ -164,7 +168,7 @@ def save_training(
     model_sd = model.sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
         "scheduler": scheduler.state_dict(),
         "progress": {"step": step, "consumed_samples": consumed_samples},
     }
@@ -176,6 +180,13 @@ def save_training(
     return target
 
 
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in chain if isinstance(opt, DistributedOptimizer)]
+
+
 def load_training(path: Path, *, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and (same layout only) RNG states from `path`.
 
@@ -184,10 +195,16 @@ def load_training(path: Path, *, model, optimizer, scheduler) -> dict:
     from megatron.core import dist_checkpointing
 
     meta = read_metadata(path)
+    distributed = _distributed_optimizers(optimizer)
+    for opt in distributed:
+        # state_dict() below needs Adam states to exist; upstream creates them only later.
+        opt._init_optimizer_states_with_dummy_values()
     model_sd = model.sharded_state_dict()
     template = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=_OPTIM_METADATA
+        ),
         "scheduler": scheduler.state_dict(),
         "progress": {"step": 0, "consumed_samples": 0},
     }
@@ -196,6 +213,14 @@ def load_training(path: Path, *, model, optimizer, scheduler) -> dict:
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
+    for opt in distributed:
+        # The dp_reshardable format does not carry torch Adam's per-parameter `step` (bias
+        # correction); every step so far was taken, so it equals the training step.
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.full_like(
+                    torch.as_tensor(state["step"]), float(loaded["progress"]["step"])
+                )
     rng_file = path / "rng" / f"rank_{parallel.rank()}.pt"
     if meta["world_size"] == torch.distributed.get_world_size() and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))

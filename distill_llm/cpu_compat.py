@@ -55,6 +55,7 @@ _CUDA_TYPE_NAMES = {
     torch.bfloat16: "torch.cuda.BFloat16Tensor",
 }
 
+
 class _CudaAsCpu(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU (workaround 5 in the module docstring)."""
 

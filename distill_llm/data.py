@@ -75,8 +75,10 @@ class BatchPlan:
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack GPTDataset samples into `[micro_batch, seq]` tensors."""
-    return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask",
-                                                                "position_ids")}
+    return {
+        k: torch.stack([s[k] for s in samples])
+        for k in ("tokens", "labels", "loss_mask", "position_ids")
+    }
 
 
 class DataModule:

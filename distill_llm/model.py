@@ -222,6 +222,11 @@ def build_gpt(
         rope_scaling=cfg.rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
     )
+    if params_dtype != torch.float32:
+        # Megatron-LM's Float16Module does the same: every parameter in the low precision,
+        # norms included (the local spec builds norm weights in fp32). The optimizer keeps
+        # fp32 master copies; mixed-dtype groups would break its checkpoint mapping.
+        model.to(dtype=params_dtype)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

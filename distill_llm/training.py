@@ -61,8 +61,9 @@ class OptimConfig:
 
     def validate(self, steps: int) -> None:
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ConfigError(f"optim: need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, "
-                              f"{self.min_lr}")
+            raise ConfigError(
+                f"optim: need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}"
+            )
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -230,9 +231,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=partial(
-                _forward_step, self.inner if self.is_distillation else None
-            ),
+            forward_step_func=partial(_forward_step, self.inner if self.is_distillation else None),
             data_iterator=iterator,
             model=[self.ddp],
             num_microbatches=num_microbatches,
@@ -294,19 +293,22 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     recent = step_times[-20:]
                     mean_dt = sum(recent) / len(recent)
-                    log.log({
-                        "kind": "train",
-                        "step": self.step,
-                        "lm_loss": losses["lm"],
-                        "kd_loss": losses["kd"] if self.is_distillation else None,
-                        "intermediate_loss": losses["intermediate"] if self.is_distillation
-                        else None,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": losses["grad_norm"],
-                        "tokens_per_s": tokens_per_step / dt,
-                        "step_time_s": dt,
-                        "eta_s": mean_dt * (cfg.steps - self.step),
-                    })
+                    log.log(
+                        {
+                            "kind": "train",
+                            "step": self.step,
+                            "lm_loss": losses["lm"],
+                            "kd_loss": losses["kd"] if self.is_distillation else None,
+                            "intermediate_loss": losses["intermediate"]
+                            if self.is_distillation
+                            else None,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": losses["grad_norm"],
+                            "tokens_per_s": tokens_per_step / dt,
+                            "step_time_s": dt,
+                            "eta_s": mean_dt * (cfg.steps - self.step),
+                        }
+                    )
                 if cfg.val_every and self.step % cfg.val_every == 0 and self.step < cfg.steps:
                     last_valid = self.validate()
                     log.log(last_valid)

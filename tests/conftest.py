@@ -12,38 +12,84 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
 # A tiny teacher and a smaller student that share a 1000-token vocabulary (padded to 1024).
-TEACHER = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-               num_query_groups=2, vocab_size=1000, max_seq_length=64)
-STUDENT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-               num_query_groups=2, vocab_size=1000, max_seq_length=64)
+TEACHER = dict(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=1000,
+    max_seq_length=64,
+)
+STUDENT = dict(
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=1000,
+    max_seq_length=64,
+)
 
 
-def run_worker(tmp_path: Path, ops: list, nproc: int = 1, kill: dict | None = None,
-               expect_ok: bool = True, timeout: int = 600,
-               teacher_out: str | None = None) -> subprocess.CompletedProcess:
+def run_worker(
+    tmp_path: Path,
+    ops: list,
+    nproc: int = 1,
+    kill: dict | None = None,
+    expect_ok: bool = True,
+    timeout: int = 600,
+    teacher_out: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run `ops` in tests/worker.py with `nproc` processes (torchrun, gloo)."""
     body = {"ops": ops, "kill": kill or {}, "teacher_out": teacher_out}
     spec = tmp_path / f"spec_{abs(hash(json.dumps(body, sort_keys=True)))}.json"
     spec.write_text(json.dumps(body))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", str(WORKER), str(spec)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(WORKER),
+            str(spec),
+        ]
     else:
         cmd = [sys.executable, str(WORKER), str(spec)]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
     if expect_ok and proc.returncode != 0:
-        pytest.fail(f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def train_cfg(**overrides) -> dict:
-    cfg = dict(steps=3, micro_batch_size=2, global_batch_size=4, seq_length=32, val_every=0,
-               val_batches=1, log_every=1, seed=1234)
+    cfg = dict(
+        steps=3,
+        micro_batch_size=2,
+        global_batch_size=4,
+        seq_length=32,
+        val_every=0,
+        val_batches=1,
+        log_every=1,
+        seed=1234,
+    )
     cfg.update(overrides)
     return cfg
 

@@ -3,8 +3,8 @@ and every bad input is refused up front with one line."""
 
 import pytest
 import torch
-
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
+
 from distill_llm import KDConfig, ModelConfig, ParallelConfig, TrainConfig, distill, pretrain
 from distill_llm.errors import ConfigError
 from distill_llm.run_dir import read_metrics
@@ -18,15 +18,25 @@ SMALL_STUDENT = dict(TEACHER, num_layers=1, vocab_size=128)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distill")
-    run_worker(tmp, [
-        dict(op="init_model", model=SHARP_TEACHER, output_dir=str(tmp / "teacher"), seed=9),
-        dict(op="distill", teacher=str(tmp / "teacher"), student=SMALL_STUDENT,
-             run_dir=str(tmp / "run"), optim=dict(OPTIM, lr=1e-2, warmup_steps=5),
-             kd=dict(skip_lm_loss=True),
-             train=train_cfg(steps=50, val_every=25, val_batches=2, micro_batch_size=4,
-                             global_batch_size=8)),
-        dict(op="logits", checkpoint=str(tmp / "teacher"), out=str(tmp / "teacher_logits.pt")),
-    ], teacher_out=str(tmp / "teacher_after.pt"))
+    run_worker(
+        tmp,
+        [
+            dict(op="init_model", model=SHARP_TEACHER, output_dir=str(tmp / "teacher"), seed=9),
+            dict(
+                op="distill",
+                teacher=str(tmp / "teacher"),
+                student=SMALL_STUDENT,
+                run_dir=str(tmp / "run"),
+                optim=dict(OPTIM, lr=1e-2, warmup_steps=5),
+                kd=dict(skip_lm_loss=True),
+                train=train_cfg(
+                    steps=50, val_every=25, val_batches=2, micro_batch_size=4, global_batch_size=8
+                ),
+            ),
+            dict(op="logits", checkpoint=str(tmp / "teacher"), out=str(tmp / "teacher_logits.pt")),
+        ],
+        teacher_out=str(tmp / "teacher_after.pt"),
+    )
     return tmp
 
 
@@ -39,8 +49,15 @@ def test_distillation_halves_held_out_kd_loss(run):
 def test_metrics_contract(run):
     train = read_metrics(run / "run", "train")
     assert [e["step"] for e in train] == list(range(1, 51))
-    for key in ("lm_loss", "kd_loss", "intermediate_loss", "lr", "grad_norm", "tokens_per_s",
-                "eta_s"):
+    for key in (
+        "lm_loss",
+        "kd_loss",
+        "intermediate_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "eta_s",
+    ):
         assert all(isinstance(e[key], float) for e in train), key
     assert train[0]["lr"] < train[4]["lr"] and train[-1]["lr"] < train[4]["lr"]  # warm-up, decay
     valid = read_metrics(run / "run", "valid")[-1]
@@ -83,11 +100,13 @@ def test_final_holds_the_student_alone(run):
     # Layers are stacked on a leading axis: a 2-layer teacher tensor cannot pass for the
     # 1-layer student's.
     assert {k: v.shape[0] for k, v in final.items() if k.startswith("decoder.layers.")} == {
-        k: 1 for k in keys if k.startswith("decoder.layers.")}
+        k: 1 for k in keys if k.startswith("decoder.layers.")
+    }
     assert checkpoint.model_config_of(run / "run/final") == ModelConfig(**SMALL_STUDENT)
 
 
 # -- bad inputs: one line each, raised before any process group or model exists -----------------
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
@@ -105,43 +124,64 @@ def _error(**kwargs) -> str:
 
 
 def test_vocab_mismatch_is_refused(teacher_dir, tmp_path):
-    msg = _error(teacher=teacher_dir, student=ModelConfig(**dict(STUDENT, vocab_size=2000)),
-                 run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir,
+        student=ModelConfig(**dict(STUDENT, vocab_size=2000)),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "padded vocab sizes differ" in msg and "2048" in msg and "1024" in msg
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
 
 
 def test_sequence_length_beyond_either_model_is_refused(teacher_dir, tmp_path):
     long_student = ModelConfig(**dict(STUDENT, max_seq_length=512))
-    msg = _error(teacher=teacher_dir, student=long_student, train=TrainConfig(seq_length=128),
-                 run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir,
+        student=long_student,
+        train=TrainConfig(seq_length=128),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "seq_length 128" in msg and "teacher's max_seq_length 64" in msg
-    msg = _error(teacher=teacher_dir, student=ModelConfig(**dict(STUDENT, max_seq_length=32)),
-                 train=TrainConfig(seq_length=48), run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir,
+        student=ModelConfig(**dict(STUDENT, max_seq_length=32)),
+        train=TrainConfig(seq_length=48),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "student's max_seq_length 32" in msg
 
 
 def test_impossible_parallel_layout_is_refused(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    msg = _error(teacher=teacher_dir, student=ModelConfig(**STUDENT),
-                 parallel=ParallelConfig(tensor_parallel=3), run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir,
+        student=ModelConfig(**STUDENT),
+        parallel=ParallelConfig(tensor_parallel=3),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "student: num_attention_heads 4 is not divisible by tensor_parallel 3" in msg
     monkeypatch.setenv("WORLD_SIZE", "4")
     student = ModelConfig(**dict(STUDENT, num_attention_heads=8, num_query_groups=2))
-    teacher_msg = _error(teacher=teacher_dir, student=student,
-                         parallel=ParallelConfig(tensor_parallel=4), run_dir=str(tmp_path / "r"))
+    teacher_msg = _error(
+        teacher=teacher_dir,
+        student=student,
+        parallel=ParallelConfig(tensor_parallel=4),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "num_query_groups 2 is not divisible by tensor_parallel 4" in teacher_msg
     monkeypatch.setenv("WORLD_SIZE", "3")
-    msg = _error(teacher=teacher_dir, parallel=ParallelConfig(tensor_parallel=2),
-                 run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir, parallel=ParallelConfig(tensor_parallel=2), run_dir=str(tmp_path / "r")
+    )
     assert "world size 3 is not divisible by tensor_parallel x pipeline_parallel = 2" in msg
 
 
 def test_missing_checkpoint_directory_is_refused(teacher_dir, tmp_path):
     msg = _error(teacher=str(tmp_path / "nope"), run_dir=str(tmp_path / "r"))
     assert msg == f"checkpoint directory {str(tmp_path / 'nope')!r} does not exist"
-    msg = _error(teacher=teacher_dir, student_checkpoint=str(tmp_path / "gone"),
-                 run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir, student_checkpoint=str(tmp_path / "gone"), run_dir=str(tmp_path / "r")
+    )
     assert "does not exist" in msg and "gone" in msg
     (tmp_path / "empty").mkdir()
     msg = _error(teacher=str(tmp_path / "empty"), run_dir=str(tmp_path / "r"))
@@ -153,6 +193,30 @@ def test_missing_checkpoint_directory_is_refused(teacher_dir, tmp_path):
 def test_bad_kd_and_batch_settings_are_refused(teacher_dir, tmp_path):
     msg = _error(teacher=teacher_dir, kd=KDConfig(temperature=0.0), run_dir=str(tmp_path / "r"))
     assert "kd.temperature must be > 0" in msg
-    msg = _error(teacher=teacher_dir, train=TrainConfig(micro_batch_size=3, global_batch_size=8),
-                 run_dir=str(tmp_path / "r"))
+    msg = _error(
+        teacher=teacher_dir,
+        train=TrainConfig(micro_batch_size=3, global_batch_size=8),
+        run_dir=str(tmp_path / "r"),
+    )
     assert "global_batch_size 8 is not divisible by micro_batch_size 3" in msg
+
+
+def test_bf16_training_runs_and_tracks_fp32(tmp_path):
+    teacher = str(tmp_path / "teacher")
+    job = dict(
+        op="distill", teacher=teacher, student=STUDENT, optim=OPTIM, train=train_cfg(steps=3)
+    )
+    run_worker(
+        tmp_path,
+        [
+            dict(op="init_model", model=TEACHER, output_dir=teacher, seed=4),
+            dict(job, run_dir=str(tmp_path / "fp32")),
+            dict(job, run_dir=str(tmp_path / "bf16"), parallel=dict(precision="bf16")),
+        ],
+    )
+    fp32, bf16 = read_metrics(tmp_path / "fp32", "train"), read_metrics(tmp_path / "bf16", "train")
+    assert len(bf16) == 3
+    for a, b in zip(fp32, bf16):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], abs=0.05)
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=0.2)
+        assert b["lm_loss"] != a["lm_loss"]  # it really ran in another precision

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import STUDENT, TEACHER
+
 from distill_llm import kd, parallel
 from distill_llm.model import ModelConfig, build_gpt
 
@@ -82,8 +82,9 @@ def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():
     tokens, labels, mask, pos = _batch()
     student, teacher = _models()
     with torch.no_grad():
-        want_kd, _ = _independent(student(tokens, pos, None), teacher(tokens, pos, None),
-                                  labels, mask, 1.0)
+        want_kd, _ = _independent(
+            student(tokens, pos, None), teacher(tokens, pos, None), labels, mask, 1.0
+        )
     model = kd.build_distillation_model(student, teacher, kd.KDConfig(skip_lm_loss=False))
     del model.compute_language_model_loss  # back to the unguarded upstream method
     model.compute_language_model_loss = type(model).compute_language_model_loss.__get__(model)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
+
 from distill_llm.run_dir import read_metrics
 
 
@@ -12,23 +12,47 @@ def runs(tmp_path_factory):
     """One teacher; the same 4-step distillation at TP=1, TP=2 and DP=2 (same global batch)."""
     tmp = tmp_path_factory.mktemp("parallel")
     teacher = str(tmp / "teacher")
-    common = dict(op="distill", teacher=teacher, student=STUDENT, optim=OPTIM,
-                  kd=dict(skip_lm_loss=False, temperature=2.0),
-                  train=train_cfg(steps=4, val_every=2))
-    run_worker(tmp, [
-        dict(op="init_model", model=TEACHER, output_dir=teacher, seed=11),
-        dict(common, run_dir=str(tmp / "tp1")),
-        dict(op="logits", checkpoint=str(tmp / "tp1/final"), out=str(tmp / "tp1_at_tp1.pt")),
-    ])
-    run_worker(tmp, [
-        dict(common, run_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
-        dict(op="logits", checkpoint=str(tmp / "tp2/final"), tensor_parallel=2,
-             out=str(tmp / "tp2_at_tp2.pt")),
-        dict(op="logits", checkpoint=str(tmp / "tp1/final"), tensor_parallel=2,
-             out=str(tmp / "tp1_at_tp2.pt")),
-        dict(op="logits", checkpoint=str(tmp / "tp2/final"), tensor_parallel=1,
-             out=str(tmp / "tp2_at_tp1.pt")),
-    ], nproc=2)
+    common = dict(
+        op="distill",
+        teacher=teacher,
+        student=STUDENT,
+        optim=OPTIM,
+        kd=dict(skip_lm_loss=False, temperature=2.0),
+        train=train_cfg(steps=4, val_every=2),
+    )
+    run_worker(
+        tmp,
+        [
+            dict(op="init_model", model=TEACHER, output_dir=teacher, seed=11),
+            dict(common, run_dir=str(tmp / "tp1")),
+            dict(op="logits", checkpoint=str(tmp / "tp1/final"), out=str(tmp / "tp1_at_tp1.pt")),
+        ],
+    )
+    run_worker(
+        tmp,
+        [
+            dict(common, run_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
+            dict(
+                op="logits",
+                checkpoint=str(tmp / "tp2/final"),
+                tensor_parallel=2,
+                out=str(tmp / "tp2_at_tp2.pt"),
+            ),
+            dict(
+                op="logits",
+                checkpoint=str(tmp / "tp1/final"),
+                tensor_parallel=2,
+                out=str(tmp / "tp1_at_tp2.pt"),
+            ),
+            dict(
+                op="logits",
+                checkpoint=str(tmp / "tp2/final"),
+                tensor_parallel=1,
+                out=str(tmp / "tp2_at_tp1.pt"),
+            ),
+        ],
+        nproc=2,
+    )
     run_worker(tmp, [dict(common, run_dir=str(tmp / "dp2"))], nproc=2)
     return tmp
 

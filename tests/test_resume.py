@@ -4,17 +4,23 @@ import hashlib
 
 import pytest
 import torch
-
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
+
 from distill_llm.run_dir import read_metrics
 
 KEYS = ["step", "lm_loss", "kd_loss", "lr", "grad_norm"]
 
 
 def _job(tmp, run_dir, save_every):
-    return dict(op="distill", teacher=str(tmp / "teacher"), student=STUDENT, optim=OPTIM,
-                kd=dict(skip_lm_loss=False), run_dir=str(tmp / run_dir),
-                train=train_cfg(steps=6, save_every=save_every, val_every=3))
+    return dict(
+        op="distill",
+        teacher=str(tmp / "teacher"),
+        student=STUDENT,
+        optim=OPTIM,
+        kd=dict(skip_lm_loss=False),
+        run_dir=str(tmp / run_dir),
+        train=train_cfg(steps=6, save_every=save_every, val_every=3),
+    )
 
 
 def _final_weights(path):
@@ -29,14 +35,20 @@ def _final_weights(path):
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    run_worker(tmp, [dict(op="init_model", model=TEACHER, output_dir=str(tmp / "teacher"),
-                          seed=3), _job(tmp, "straight", save_every=3)])
+    run_worker(
+        tmp,
+        [
+            dict(op="init_model", model=TEACHER, output_dir=str(tmp / "teacher"), seed=3),
+            _job(tmp, "straight", save_every=3),
+        ],
+    )
     return tmp
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp):
-    killed = run_worker(tmp, [_job(tmp, "resumed", save_every=3)], kill={"after_save": 1},
-                        expect_ok=False)
+    killed = run_worker(
+        tmp, [_job(tmp, "resumed", save_every=3)], kill={"after_save": 1}, expect_ok=False
+    )
     assert killed.returncode != 0
     assert [e["step"] for e in read_metrics(tmp / "resumed", "train")] == [1, 2, 3]
     assert (tmp / "resumed/checkpoints/latest").read_text() == "iter_0000003"
@@ -55,8 +67,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp):
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp):
-    killed = run_worker(tmp, [_job(tmp, "midsave", save_every=2)], kill={"during_save": 2},
-                        expect_ok=False)
+    killed = run_worker(
+        tmp, [_job(tmp, "midsave", save_every=2)], kill={"during_save": 2}, expect_ok=False
+    )
     assert killed.returncode != 0
     ckpts = tmp / "midsave/checkpoints"
     assert ckpts.is_dir(), killed.stdout + killed.stderr[-3000:]
@@ -73,10 +86,37 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp):
 
 
 def test_teacher_checkpoint_is_only_read(tmp):
-    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-              for p in sorted((tmp / "teacher").rglob("*")) if p.is_file()}
+    digest = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((tmp / "teacher").rglob("*"))
+        if p.is_file()
+    }
     assert digest  # compared with the state after the two runs above and one more
     run_worker(tmp, [_job(tmp, "again", save_every=0)])
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((tmp / "teacher").rglob("*")) if p.is_file()}
+    after = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((tmp / "teacher").rglob("*"))
+        if p.is_file()
+    }
     assert after == digest
+
+
+def test_distributed_optimizer_resume_at_dp2(tmp):
+    """DP=2 with megatron's distributed optimizer (sharded Adam states) resumes exactly too."""
+
+    def job(run_dir):
+        return dict(
+            _job(tmp, run_dir, save_every=2),
+            train=train_cfg(steps=4, save_every=2),
+            parallel=dict(use_distributed_optimizer=True),
+        )
+
+    run_worker(tmp, [job("dist_straight")], nproc=2)
+    run_worker(tmp, [job("dist_resumed")], nproc=2, kill={"after_save": 1}, expect_ok=False)
+    assert (tmp / "dist_resumed/checkpoints/latest").read_text() == "iter_0000002"
+    run_worker(tmp, [job("dist_resumed")], nproc=2)
+    straight = [[e[k] for k in KEYS] for e in read_metrics(tmp / "dist_straight", "train")]
+    resumed = [[e[k] for k in KEYS] for e in read_metrics(tmp / "dist_resumed", "train")]
+    assert len(straight) == 4 and resumed == straight
+    a, b = _final_weights(tmp / "dist_straight/final"), _final_weights(tmp / "dist_resumed/final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -56,8 +56,11 @@ def _record_teacher(path: str) -> None:
     real = kd.build_distillation_model
 
     def build(student, teacher, cfg):
-        atexit.register(lambda: torch.save(
-            {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}, path))
+        atexit.register(
+            lambda: torch.save(
+                {k: v.clone() for k, v in teacher.state_dict().items() if torch.is_tensor(v)}, path
+            )
+        )
         return real(student, teacher, cfg)
 
     kd.build_distillation_model = build
@@ -101,8 +104,12 @@ def main(spec_path: str) -> None:
             _logits(op)
             continue
         make = {
-            "model": dl.ModelConfig, "student": dl.ModelConfig, "kd": dl.KDConfig,
-            "data": dl.DataConfig, "train": dl.TrainConfig, "optim": dl.OptimConfig,
+            "model": dl.ModelConfig,
+            "student": dl.ModelConfig,
+            "kd": dl.KDConfig,
+            "data": dl.DataConfig,
+            "train": dl.TrainConfig,
+            "optim": dl.OptimConfig,
             "parallel": dl.ParallelConfig,
         }
         kwargs = {k: make[k](**v) if k in make and v is not None else v for k, v in op.items()}
