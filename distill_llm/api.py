@@ -15,7 +15,6 @@ from distill_llm import checkpoint
 from distill_llm import kd as kd_lib
 from distill_llm import parallel as dist
 from distill_llm.data import BatchPlan, DataConfig, DataModule
-from distill_llm.errors import ConfigError
 from distill_llm.kd import KDConfig
 from distill_llm.model import ModelConfig, build_gpt
 from distill_llm.parallel import ParallelConfig
@@ -208,17 +207,3 @@ def init_model(
     checkpoint.save_model(output_dir, gpt, model, step=0)
     return output_dir
 
-
-__all__ = [
-    "ConfigError",
-    "DataConfig",
-    "KDConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ParallelConfig",
-    "TrainConfig",
-    "default_student",
-    "distill",
-    "init_model",
-    "pretrain",
-]
