@@ -206,4 +206,3 @@ def init_model(
     )
     checkpoint.save_model(output_dir, gpt, model, step=0)
     return output_dir
-
