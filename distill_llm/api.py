@@ -47,10 +47,25 @@ def _data_module(data: DataConfig, train: TrainConfig, model: ModelConfig, dp_si
     )
 
 
+def _fit(model, model_cfg, data, train, optim, parallel, run_path, dp_size) -> dict:
+    """Train `model` (a GPT, or a GPT wrapped with its teacher) to the end of `train`."""
+    trainer = Trainer(
+        model=model,
+        student_cfg=model_cfg,
+        data=_data_module(data, train, model_cfg, dp_size),
+        train=train,
+        optim=optim,
+        parallel_cfg=parallel,
+        run_dir=run_path,
+        is_distillation=hasattr(model, "teacher_model"),
+    )
+    return trainer.fit()
+
+
 def _check_common(train, optim, parallel_cfg) -> int:
     """Check the settings every entry point shares; returns the data-parallel size."""
     train.validate()
-    optim.validate(train.steps)
+    optim.validate()
     dp_size = parallel_cfg.validate(dist.world_size_from_env())
     BatchPlan(train.micro_batch_size, train.global_batch_size, dp_size)  # raises if uneven
     return dp_size
@@ -121,17 +136,7 @@ def distill(
     if student_checkpoint:
         checkpoint.load_model(student_checkpoint, student_model, student, role="student")
     model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
-    trainer = Trainer(
-        model=model,
-        student_cfg=student,
-        data=_data_module(data, train, student, dp_size),
-        train=train,
-        optim=optim,
-        parallel_cfg=parallel,
-        run_dir=run_path,
-        is_distillation=True,
-    )
-    return trainer.fit()
+    return _fit(model, student, data, train, optim, parallel, run_path, dp_size)
 
 
 def pretrain(
@@ -177,17 +182,7 @@ def pretrain(
     )
     if init_checkpoint:
         checkpoint.load_model(init_checkpoint, gpt, model, role="model")
-    trainer = Trainer(
-        model=gpt,
-        student_cfg=model,
-        data=_data_module(data, train, model, dp_size),
-        train=train,
-        optim=optim,
-        parallel_cfg=parallel,
-        run_dir=run_path,
-        is_distillation=False,
-    )
-    return trainer.fit()
+    return _fit(gpt, model, data, train, optim, parallel, run_path, dp_size)
 
 
 def init_model(

@@ -46,7 +46,6 @@ class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int):
         self.enabled = parallel.is_main()
         self.total_steps = total_steps
-        self.start_step = start_step
         self._bar = None
         if not self.enabled:
             return

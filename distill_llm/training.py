@@ -59,7 +59,7 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0  # max global gradient norm (0 disables clipping)
 
-    def validate(self, steps: int) -> None:
+    def validate(self) -> None:
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(
                 f"optim: need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}"
