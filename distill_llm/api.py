@@ -27,7 +27,7 @@ def default_student(teacher: ModelConfig) -> ModelConfig:
     return dataclasses.replace(teacher, num_layers=max(1, teacher.num_layers // 2))
 
 
-def _data_module(data: DataConfig, train: TrainConfig, model: ModelConfig, dp_size: int):
+def _data_module(data, source, train: TrainConfig, dp_size: int, run_path: Path) -> DataModule:
     from megatron.core import parallel_state
 
     plan = BatchPlan(
@@ -38,21 +38,22 @@ def _data_module(data: DataConfig, train: TrainConfig, model: ModelConfig, dp_si
     )
     return DataModule(
         data,
+        source,
         seq_length=train.seq_length,
-        vocab_size=model.vocab_size,
         plan=plan,
         train_samples=train.steps * train.global_batch_size,
         valid_samples=train.val_batches * train.global_batch_size,
         seed=train.seed,
+        cache_dir=str(run_path / "data_cache"),
     )
 
 
-def _fit(model, model_cfg, data, train, optim, parallel, run_path, dp_size) -> dict:
+def _fit(model, model_cfg, data, source, train, optim, parallel, run_path, dp_size) -> dict:
     """Train `model` (a GPT, or a GPT wrapped with its teacher) to the end of `train`."""
     trainer = Trainer(
         model=model,
         student_cfg=model_cfg,
-        data=_data_module(data, train, model_cfg, dp_size),
+        data=_data_module(data, source, train, dp_size, run_path),
         train=train,
         optim=optim,
         parallel_cfg=parallel,
@@ -109,6 +110,8 @@ def distill(
     kd_lib.check_compatible(
         student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
     )
+    vocab = {"teacher": teacher_cfg.vocab_size, "student": student.vocab_size}
+    source = data.resolve(vocab, train.seq_length)
 
     run_path = Path(run_dir)
     dist.initialize(parallel, train.seed)
@@ -136,7 +139,7 @@ def distill(
     if student_checkpoint:
         checkpoint.load_model(student_checkpoint, student_model, student, role="student")
     model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
-    return _fit(model, student, data, train, optim, parallel, run_path, dp_size)
+    return _fit(model, student, data, source, train, optim, parallel, run_path, dp_size)
 
 
 def pretrain(
@@ -162,6 +165,7 @@ def pretrain(
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
     model.validate(tp, pp, role="model")
     kd_lib.check_seq_length(model, train.seq_length, "model")
+    source = data.resolve({"model": model.vocab_size}, train.seq_length)
 
     run_path = Path(run_dir)
     dist.initialize(parallel, train.seed)
@@ -182,7 +186,7 @@ def pretrain(
     )
     if init_checkpoint:
         checkpoint.load_model(init_checkpoint, gpt, model, role="model")
-    return _fit(gpt, model, data, train, optim, parallel, run_path, dp_size)
+    return _fit(gpt, model, data, source, train, optim, parallel, run_path, dp_size)
 
 
 def init_model(

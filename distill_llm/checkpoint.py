@@ -162,8 +162,12 @@ def save_training(
     optimizer,
     scheduler,
     model_cfg: ModelConfig,
+    data_stream: str | None = None,
 ) -> Path:
-    """Save a resumable training checkpoint and point `latest` at it."""
+    """Save a resumable training checkpoint and point `latest` at it.
+
+    `data_stream` identifies the training sample order, so a resume can check it continues
+    the same stream."""
     ckpt_root = Path(ckpt_root)
     model_sd = model.sharded_state_dict()
     state = {
@@ -173,7 +177,11 @@ def save_training(
         "progress": {"step": step, "consumed_samples": consumed_samples},
     }
     target = ckpt_root / _iter_name(step)
-    _save_dir(state, target, _metadata(model_cfg, step=step, consumed_samples=consumed_samples))
+    _save_dir(
+        state,
+        target,
+        _metadata(model_cfg, step=step, consumed_samples=consumed_samples, data_stream=data_stream),
+    )
     if parallel.is_main():
         _write_atomic(ckpt_root / LATEST_FILE, target.name)
     parallel.barrier()

@@ -196,6 +196,13 @@ class Trainer:
         latest = checkpoint.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
+        saved_stream = checkpoint.read_metadata(latest).get("data_stream")
+        if saved_stream and saved_stream != self.data.stream_id:
+            raise ConfigError(
+                f"{latest} was trained on a different sample stream (data paths, split, "
+                "seq_length, seed, eod_mask_loss or the number of steps changed); resuming would "
+                "repeat or skip samples. Restore those settings, or use a new run_dir"
+            )
         progress = checkpoint.load_training(
             latest, model=self.inner, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -214,6 +221,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             model_cfg=self.student_cfg,
+            data_stream=self.data.stream_id,
         )
 
     def save_final(self) -> Path:

@@ -1,0 +1,397 @@
+"""Raw text -> Megatron indexed dataset (`<prefix>.bin` + `<prefix>.idx`), the format the data
+module trains on.
+
+    python -m distill_llm.preprocess --input corpus.jsonl more/*.txt \\
+        --output-prefix data/corpus --tokenizer path/to/tokenizer --workers 4
+
+or `preprocess(...)` from Python. Inputs are JSONL files (one JSON object per line, the text
+under `text_key`; `.gz` allowed) or plain-text files (documents separated by blank lines), one
+or many, given as files, directories or glob patterns. Each document is tokenized, the
+end-of-document id appended, and written with megatron-core's IndexedDatasetBuilder. A
+`<prefix>.meta.json` beside them records the tokenizer (so training can refuse data made with
+another one) and the counts.
+
+Outputs appear atomically: everything is written under temporary names and renamed at the end,
+`.idx` last, so a crash leaves no `.idx` next to a half-written `.bin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill_llm.errors import ConfigError
+from distill_llm.tokenizer import Tokenizer, load_tokenizer
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+META_SUFFIX = ".meta.json"
+_BATCH_BYTES = 1 << 20  # raw text per work item: large enough to amortise inter-process traffic
+
+
+@dataclass
+class PreprocessSummary:
+    """What one preprocessing run wrote."""
+
+    output_prefix: str
+    documents: int  # documents written (each ends with the EOD id)
+    skipped_empty: int  # documents whose text was empty or whitespace
+    tokens: int  # tokens written, EOD ids included
+    text_bytes: int  # UTF-8 bytes of document text read
+    seconds: float
+    workers: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def expand_inputs(inputs: str | list[str]) -> list[Path]:
+    """Files named by `inputs` (files, directories of JSONL/text files, glob patterns), sorted
+    within each entry, in the given order."""
+    entries = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    if not entries:
+        raise ConfigError("no input files given; pass one or more JSONL or text files")
+    files: list[Path] = []
+    for entry in entries:
+        p = Path(entry)
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file() and f.name.endswith(JSON_SUFFIXES + TEXT_SUFFIXES)
+            )
+            if not found:
+                raise ConfigError(f"input directory {p} holds no .jsonl/.json/.txt files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        elif glob.has_magic(str(entry)):
+            found = sorted(Path(f) for f in glob.glob(str(entry)) if Path(f).is_file())
+            if not found:
+                raise ConfigError(f"input pattern {entry} matches no files")
+            files += found
+        else:
+            raise ConfigError(f"input {p} does not exist")
+    return files
+
+
+def _is_json(path: Path) -> bool:
+    return path.name.endswith(JSON_SUFFIXES)
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict")
+    return open(path, encoding="utf-8", errors="strict")
+
+
+def _raw_records(files: list[Path]) -> Iterator[tuple[str, int, str, bool, int]]:
+    """(file, first line number, raw record, is_json, size in bytes) for every document: a
+    line of a JSONL file, or a blank-line-separated paragraph of a text file."""
+    for path in files:
+        is_json = _is_json(path)
+        try:
+            with _open_text(path) as f:
+                if is_json:
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            yield str(path), n, line, True, len(line)
+                    continue
+                para: list[str] = []
+                start = 1
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        if not para:
+                            start = n
+                        para.append(line)
+                    elif para:
+                        text = "".join(para)
+                        yield str(path), start, text, False, len(text)
+                        para = []
+                if para:
+                    text = "".join(para)
+                    yield str(path), start, text, False, len(text)
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+
+
+def _text_of(record: tuple[str, int, str, bool, int], text_key: str) -> str:
+    path, line, raw, is_json, _ = record
+    if not is_json:
+        return raw.rstrip("\n")
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}:{line}: not valid JSON ({err.msg}); fix or drop the line"
+        ) from None
+    if not isinstance(obj, dict) or text_key not in obj:
+        fields = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ConfigError(
+            f"{path}:{line}: no {text_key!r} field (found: {fields}); pass text_key=<field>"
+        )
+    text = obj[text_key]
+    if not isinstance(text, str):
+        raise ConfigError(f"{path}:{line}: field {text_key!r} is {type(text).__name__}, not text")
+    return text
+
+
+def iter_documents(files: list[Path], text_key: str = "text") -> Iterator[tuple[str, int, str]]:
+    """(file, line, text) of every non-empty document in `files`, in order."""
+    for record in _raw_records(files):
+        text = _text_of(record, text_key)
+        if text.strip():
+            yield record[0], record[1], text
+
+
+# -- the encoding work, run in worker processes (or inline with workers=1) ---------------------
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, text_key: str, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, as asked for
+    _worker.update(tok=load_tokenizer(tokenizer_path), text_key=text_key, dtype=np.dtype(dtype))
+
+
+def _encode(batch: list[tuple]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Tokens of a batch of records, concatenated with EOD after each document, their
+    per-document lengths, the text bytes read and the number of empty documents skipped."""
+    tok: Tokenizer = _worker["tok"]
+    texts = [_text_of(r, _worker["text_key"]) for r in batch]
+    kept = [t for t in texts if t.strip()]
+    ids = tok.encode_batch(kept) if kept else []
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=_worker["dtype"])
+    pos = 0
+    for x in ids:
+        flat[pos : pos + len(x)] = x
+        flat[pos + len(x)] = tok.eod
+        pos += len(x) + 1
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return flat, lengths, text_bytes, len(texts) - len(kept)
+
+
+def _batches(files: list[Path]) -> Iterator[tuple[list[tuple], int]]:
+    batch, size = [], 0
+    for record in _raw_records(files):
+        batch.append(record)
+        size += record[4]
+        if size >= _BATCH_BYTES:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+def _encoded(files: list[Path], tok: Tokenizer, text_key: str, dtype, workers: int):
+    """Encoded batches in input order, with at most 2 x workers batches in flight."""
+    init = (tok.path, text_key, np.dtype(dtype).name)
+    if workers == 1:
+        _init_worker(*init)
+        for batch, size in _batches(files):
+            yield _encode(batch), size
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # fork where there is one: spawn would re-run the caller's __main__ (a notebook, a script
+    # without a main guard, stdin) in every worker. Workers set TOKENIZERS_PARALLELISM=false.
+    # An executor rather than a Pool: a worker that dies (out of memory) fails the run instead
+    # of hanging it.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=init
+    ) as pool:
+        pending: deque = deque()
+        try:
+            for batch, size in _batches(files):
+                pending.append((pool.submit(_encode, batch), size))
+                if len(pending) >= 2 * workers:
+                    job, n = pending.popleft()
+                    yield job.result(), n
+            while pending:
+                job, n = pending.popleft()
+                yield job.result(), n
+        except BrokenProcessPool:
+            raise RuntimeError(
+                "a tokenizer worker process died (out of memory?); try fewer workers"
+            ) from None
+        finally:
+            for job, _ in pending:
+                job.cancel()
+
+
+def _clear_stale_temporaries(prefix: Path) -> None:
+    """Remove temporaries of earlier runs on this prefix whose process is gone (a crash)."""
+    for f in prefix.parent.glob(prefix.name + ".*.tmp.*"):
+        pid = f.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def preprocess(
+    input: str | list[str],
+    output_prefix: str,
+    tokenizer: str | Tokenizer,
+    text_key: str = "text",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Tokenize `input` into the Megatron indexed dataset `<output_prefix>.bin/.idx`.
+
+    `workers` processes tokenize in parallel (documents keep their input order). Refuses to
+    replace existing outputs unless `overwrite`. Returns the counts, also printed at the end.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    files = expand_inputs(input)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    prefix = Path(output_prefix)
+    outputs = {k: Path(f"{prefix}{k}") for k in (".bin", ".idx", META_SUFFIX)}
+    clash = {f.resolve() for f in files} & {o.resolve() for o in outputs.values()}
+    if clash:
+        raise ConfigError(f"output {clash.pop()} is also an input; choose another output_prefix")
+    existing = [str(o) for o in outputs.values() if o.exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists; pass overwrite=True or another prefix")
+    if not prefix.parent.is_dir():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temporaries(prefix)
+
+    dtype = DType.optimal_dtype(tok.vocab_size)
+    tmp = {k: Path(f"{prefix}{k}.tmp.{os.getpid()}") for k in outputs}
+    total_bytes = sum(f.stat().st_size for f in files)
+    docs = skipped = tokens = text_bytes = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"tokenizing {len(files)} file(s)",
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        file=sys.stderr,
+    )
+    try:
+        builder = IndexedDatasetBuilder(str(tmp[".bin"]), dtype=dtype)
+        for (flat, lengths, nbytes, nskip), raw_size in _encoded(
+            files, tok, text_key, dtype, workers
+        ):
+            pos = 0
+            for n in lengths.tolist():
+                builder.add_document(flat[pos : pos + n], [n])
+                pos += n
+            docs += len(lengths)
+            tokens += len(flat)
+            skipped += nskip
+            text_bytes += nbytes
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s")
+            bar.update(raw_size)
+        bar.close()
+        if docs == 0:
+            raise ConfigError(f"no non-empty documents in {', '.join(map(str, files))}")
+        builder.finalize(str(tmp[".idx"]))
+        seconds = time.perf_counter() - start
+        summary = PreprocessSummary(
+            str(prefix), docs, skipped, tokens, text_bytes, seconds, workers
+        )
+        meta = {
+            "tokenizer": tok.describe(),
+            "dtype": np.dtype(dtype).name,
+            "inputs": [str(f) for f in files],
+            "text_key": text_key,
+            **{k: v for k, v in asdict(summary).items() if k not in ("output_prefix", "seconds")},
+        }
+        tmp[META_SUFFIX].write_text(json.dumps(meta, indent=2))
+        for f in tmp.values():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        # Publish: drop an old .idx first, so no crash can pair it with the new .bin; the new
+        # .idx goes last and marks the dataset complete.
+        outputs[".idx"].unlink(missing_ok=True)
+        os.replace(tmp[".bin"], outputs[".bin"])
+        os.replace(tmp[META_SUFFIX], outputs[META_SUFFIX])
+        os.replace(tmp[".idx"], outputs[".idx"])
+    except BaseException:
+        bar.close()
+        for f in tmp.values():
+            f.unlink(missing_ok=True)
+        raise
+    if progress:
+        print(
+            f"wrote {prefix}.bin/.idx: {docs:,} documents ({skipped:,} empty skipped), "
+            f"{tokens:,} tokens from {text_bytes / 1e6:,.1f} MB of text in {seconds:.1f} s "
+            f"({summary.tokens_per_s:,.0f} tokens/s, {summary.mb_per_s:.2f} MB/s, "
+            f"{workers} worker(s))",
+            flush=True,
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_llm.preprocess",
+        description="Tokenize JSONL or text files into a Megatron indexed dataset.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument(
+        "--tokenizer", required=True, help="HF tokenizer dir or SentencePiece .model"
+    )
+    parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args = parser.parse_args(argv)
+    try:
+        preprocess(
+            args.input,
+            args.output_prefix,
+            args.tokenizer,
+            text_key=args.text_key,
+            workers=args.workers,
+            overwrite=args.overwrite,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
