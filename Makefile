@@ -33,6 +33,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/step_time.py
+	$(PY) bench/preprocess.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -67,11 +67,11 @@ class Tokenizer:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def _fingerprint(*files: Path) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        if f.is_file():
-            digest.update(f.read_bytes())
+def _fingerprint(file: Path, eod: int) -> str:
+    """What decides the token stream: the vocabulary/merges file and the end-of-document id
+    (not chat templates or other settings a tokenizer_config.json may change)."""
+    digest = hashlib.sha256(file.read_bytes())
+    digest.update(f"eod={eod}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -128,7 +128,7 @@ class HFTokenizer(Tokenizer):
         self.eod = self._tok.token_to_id(eos)
         self.bos = self._id_or_none(specials.get("bos_token"))
         self.pad = self._id_or_none(specials.get("pad_token"))
-        self.fingerprint = _fingerprint(file, directory / "tokenizer_config.json")
+        self.fingerprint = _fingerprint(file, self.eod)
 
     def _id_or_none(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -168,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
             )
         self.bos = self._piece_id(specials.get("bos_token"), self._sp.bos_id())
         self.pad = self._piece_id(specials.get("pad_token"), self._sp.pad_id())
-        self.fingerprint = _fingerprint(model_file)
+        self.fingerprint = _fingerprint(model_file, self.eod)
 
     def _piece_id(self, piece: str | None, default: int) -> int | None:
         if piece is not None:
@@ -265,3 +265,29 @@ def train_bpe_tokenizer(
     else:
         os.replace(tmp, out)
     return HFTokenizer(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m distill_llm.tokenizer",
+        description="Train a byte-level BPE tokenizer on local JSONL or text files.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="files, directories or globs")
+    parser.add_argument("--output-dir", required=True, help="the new Hugging Face tokenizer dir")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    args = parser.parse_args(argv)
+    try:
+        tok = train_bpe_tokenizer(args.input, args.output_dir, args.vocab_size, args.text_key)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {tok.path}: {tok.vocab_size} tokens, end-of-document id {tok.eod}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
