@@ -288,7 +288,9 @@ def preprocess(
         raise ConfigError(f"output {clash.pop()} is also an input; choose another output_prefix")
     existing = [str(o) for o in outputs.values() if o.exists()]
     if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} already exists; pass overwrite=True or another prefix")
+        raise ConfigError(
+            f"{existing[0]} already exists; pass overwrite=True (--overwrite) or another prefix"
+        )
     if not prefix.parent.is_dir():
         prefix.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_temporaries(prefix)
@@ -378,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
+    import warnings
+
+    # megatron-core warns at import that TE/Apex are absent; irrelevant to tokenizing
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     try:
         preprocess(
             args.input,
