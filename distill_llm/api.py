@@ -6,8 +6,6 @@ Launch (one process per tensor-parallel rank, times data-parallel replicas):
 or call them from Python inside any torchrun-started script.
 """
 
-from __future__ import annotations
-
 import dataclasses
 from pathlib import Path
 
@@ -81,14 +79,16 @@ def distill(
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
     parallel: ParallelConfig | None = None,
-    run_dir: str = "runs/distill",
+    output_dir: str = "runs/distill",
 ) -> dict:
     """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
 
     `student` is the student architecture; if None it comes from `student_checkpoint`, or, with
     neither, is `default_student(teacher architecture)`. The student starts from
     `student_checkpoint` when given, else from a fresh initialisation. The run writes into
-    `run_dir` (see distill_llm.run_dir) and resumes from its `latest` checkpoint if present.
+    `output_dir` (the run directory, see distill_llm.run_dir) and resumes from its `latest`
+    checkpoint if present. (Not `run_dir`: NeMo-Run's CLI claims every argument starting
+    with "run".)
     """
     kd = kd or KDConfig()
     data, train = data or DataConfig(), train or TrainConfig()
@@ -113,7 +113,7 @@ def distill(
     vocab = {"teacher": teacher_cfg.vocab_size, "student": student.vocab_size}
     source = data.resolve(vocab, train.seq_length)
 
-    run_path = Path(run_dir)
+    run_path = Path(output_dir)
     dist.initialize(parallel, train.seed)
     write_config(
         run_path,
@@ -149,7 +149,7 @@ def pretrain(
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
     parallel: ParallelConfig | None = None,
-    run_dir: str = "runs/pretrain",
+    output_dir: str = "runs/pretrain",
 ) -> dict:
     """Train a GPT on its own language-model loss (teachers, same-budget baselines).
 
@@ -167,7 +167,7 @@ def pretrain(
     kd_lib.check_seq_length(model, train.seq_length, "model")
     source = data.resolve({"model": model.vocab_size}, train.seq_length)
 
-    run_path = Path(run_dir)
+    run_path = Path(output_dir)
     dist.initialize(parallel, train.seed)
     write_config(
         run_path,

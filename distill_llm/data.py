@@ -11,8 +11,6 @@ of samples, never on the data-parallel layout: rank r of D takes its micro-batch
 global batch in turn, so the D ranks together read every sample of the global batch once.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import re
@@ -47,7 +45,7 @@ class DataConfig:
     paths: list | str = field(default_factory=list)  # weighted prefixes; [] = mock data
     split: str = "98,1,1"  # train/valid/test shares of each prefix's documents
     tokenizer: str | None = None  # HF tokenizer dir or SentencePiece .model of the data
-    cache_dir: str | None = None  # megatron's index caches; None = <run_dir>/data_cache
+    cache_dir: str | None = None  # megatron's index caches; None = <output_dir>/data_cache
     eod_mask_loss: bool = False  # leave end-of-document targets out of the loss
 
     @property
@@ -56,7 +54,7 @@ class DataConfig:
 
     def resolve(
         self, model_vocab: dict[str, int], seq_length: int, splits=("train", "valid")
-    ) -> DataSource:
+    ) -> "DataSource":
         """Check everything about the data a user can get wrong, before anything is built.
 
         `model_vocab` maps a role ("teacher", "student", "model") to its vocabulary size; the
@@ -87,7 +85,7 @@ class DataConfig:
             identity=[i.identity() for i in infos],
         )
 
-    def _tokenizer_info(self, infos: list[IndexInfo]) -> dict:
+    def _tokenizer_info(self, infos: "list[IndexInfo]") -> dict:
         """The tokenizer's vocab size and EOD id, from `tokenizer` or the prefixes' metadata;
         refuses data made with a different tokenizer than the one given."""
         given = None

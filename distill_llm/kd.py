@@ -1,8 +1,6 @@
 """Knowledge distillation through ModelOpt's Megatron plugin: config, up-front checks, the
 student+teacher wrapper and the masked, TP/DP-correct loss reduction."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from types import MethodType
 

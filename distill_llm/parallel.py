@@ -1,7 +1,5 @@
 """torch.distributed and megatron-core parallel_state: process groups, devices and seeding."""
 
-from __future__ import annotations
-
 import os
 import random
 from dataclasses import dataclass

@@ -15,8 +15,6 @@ Outputs appear atomically: everything is written under temporary names and renam
 `.idx` last, so a crash leaves no `.idx` next to a half-written `.bin`.
 """
 
-from __future__ import annotations
-
 import argparse
 import glob
 import gzip

@@ -1,8 +1,6 @@
 """The training loop on megatron-core: micro-batches, DDP, optimizer, schedule, validation,
 checkpoints. It trains a plain GPT (pretraining) or a ModelOpt distillation wrapper alike."""
 
-from __future__ import annotations
-
 import math
 import time
 from dataclasses import dataclass

@@ -270,7 +270,7 @@ def test_entry_point_refuses_before_writing_anything(corpus, tmp_path):
             model,
             data=DataConfig(paths=[str(tmp / "hf")]),
             train=dl.TrainConfig(seq_length=16),
-            run_dir=str(run),
+            output_dir=str(run),
         ),
         r"has \d+ tokens but the model's vocabulary is 300",
     )
@@ -279,7 +279,7 @@ def test_entry_point_refuses_before_writing_anything(corpus, tmp_path):
             model,
             data=DataConfig(paths=[str(tmp / "sp")]),
             train=dl.TrainConfig(seq_length=64),
-            run_dir=str(run),
+            output_dir=str(run),
         ),
         "seq_length 64 .*32",
     )
@@ -376,7 +376,7 @@ def test_distill_on_real_data_resumes_exactly_and_matches_dp2(corpus):
             kd=dict(skip_lm_loss=False),
             # the tokenizer comes from the prefixes' .meta.json
             data=dict(paths=[0.4, str(tmp / "letters"), 0.6, str(tmp / "digits")], **data),
-            run_dir=str(tmp / run_dir),
+            output_dir=str(tmp / run_dir),
             train=train_cfg(steps=4, save_every=2, val_every=2),
         )
 
@@ -408,6 +408,6 @@ def test_distill_on_real_data_resumes_exactly_and_matches_dp2(corpus):
         data=dl.DataConfig(**spec["data"]),
         train=dl.TrainConfig(**spec["train"]),
         optim=dl.OptimConfig(**spec["optim"]),
-        run_dir=spec["run_dir"],
+        output_dir=spec["output_dir"],
     )
     _one_line_error(lambda: dl.distill(**kwargs), "trained on a different sample stream")

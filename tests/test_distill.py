@@ -26,7 +26,7 @@ def run(tmp_path_factory):
                 op="distill",
                 teacher=str(tmp / "teacher"),
                 student=SMALL_STUDENT,
-                run_dir=str(tmp / "run"),
+                output_dir=str(tmp / "run"),
                 optim=dict(OPTIM, lr=1e-2, warmup_steps=5),
                 kd=dict(skip_lm_loss=True),
                 train=train_cfg(
@@ -127,7 +127,7 @@ def test_vocab_mismatch_is_refused(teacher_dir, tmp_path):
     msg = _error(
         teacher=teacher_dir,
         student=ModelConfig(**dict(STUDENT, vocab_size=2000)),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "padded vocab sizes differ" in msg and "2048" in msg and "1024" in msg
     assert not (tmp_path / "r").exists()  # nothing written for a refused run
@@ -139,14 +139,14 @@ def test_sequence_length_beyond_either_model_is_refused(teacher_dir, tmp_path):
         teacher=teacher_dir,
         student=long_student,
         train=TrainConfig(seq_length=128),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "seq_length 128" in msg and "teacher's max_seq_length 64" in msg
     msg = _error(
         teacher=teacher_dir,
         student=ModelConfig(**dict(STUDENT, max_seq_length=32)),
         train=TrainConfig(seq_length=48),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "student's max_seq_length 32" in msg
 
@@ -157,7 +157,7 @@ def test_impossible_parallel_layout_is_refused(teacher_dir, tmp_path, monkeypatc
         teacher=teacher_dir,
         student=ModelConfig(**STUDENT),
         parallel=ParallelConfig(tensor_parallel=3),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "student: num_attention_heads 4 is not divisible by tensor_parallel 3" in msg
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -166,37 +166,41 @@ def test_impossible_parallel_layout_is_refused(teacher_dir, tmp_path, monkeypatc
         teacher=teacher_dir,
         student=student,
         parallel=ParallelConfig(tensor_parallel=4),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "num_query_groups 2 is not divisible by tensor_parallel 4" in teacher_msg
     monkeypatch.setenv("WORLD_SIZE", "3")
     msg = _error(
-        teacher=teacher_dir, parallel=ParallelConfig(tensor_parallel=2), run_dir=str(tmp_path / "r")
+        teacher=teacher_dir,
+        parallel=ParallelConfig(tensor_parallel=2),
+        output_dir=str(tmp_path / "r"),
     )
     assert "world size 3 is not divisible by tensor_parallel x pipeline_parallel = 2" in msg
 
 
 def test_missing_checkpoint_directory_is_refused(teacher_dir, tmp_path):
-    msg = _error(teacher=str(tmp_path / "nope"), run_dir=str(tmp_path / "r"))
+    msg = _error(teacher=str(tmp_path / "nope"), output_dir=str(tmp_path / "r"))
     assert msg == f"checkpoint directory {str(tmp_path / 'nope')!r} does not exist"
     msg = _error(
-        teacher=teacher_dir, student_checkpoint=str(tmp_path / "gone"), run_dir=str(tmp_path / "r")
+        teacher=teacher_dir,
+        student_checkpoint=str(tmp_path / "gone"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "does not exist" in msg and "gone" in msg
     (tmp_path / "empty").mkdir()
-    msg = _error(teacher=str(tmp_path / "empty"), run_dir=str(tmp_path / "r"))
+    msg = _error(teacher=str(tmp_path / "empty"), output_dir=str(tmp_path / "r"))
     assert "is not a distill_llm checkpoint" in msg
     with pytest.raises(ConfigError, match="does not exist"):
-        pretrain(init_checkpoint=str(tmp_path / "nope"), run_dir=str(tmp_path / "r"))
+        pretrain(init_checkpoint=str(tmp_path / "nope"), output_dir=str(tmp_path / "r"))
 
 
 def test_bad_kd_and_batch_settings_are_refused(teacher_dir, tmp_path):
-    msg = _error(teacher=teacher_dir, kd=KDConfig(temperature=0.0), run_dir=str(tmp_path / "r"))
+    msg = _error(teacher=teacher_dir, kd=KDConfig(temperature=0.0), output_dir=str(tmp_path / "r"))
     assert "kd.temperature must be > 0" in msg
     msg = _error(
         teacher=teacher_dir,
         train=TrainConfig(micro_batch_size=3, global_batch_size=8),
-        run_dir=str(tmp_path / "r"),
+        output_dir=str(tmp_path / "r"),
     )
     assert "global_batch_size 8 is not divisible by micro_batch_size 3" in msg
 
@@ -210,8 +214,8 @@ def test_bf16_training_runs_and_tracks_fp32(tmp_path):
         tmp_path,
         [
             dict(op="init_model", model=TEACHER, output_dir=teacher, seed=4),
-            dict(job, run_dir=str(tmp_path / "fp32")),
-            dict(job, run_dir=str(tmp_path / "bf16"), parallel=dict(precision="bf16")),
+            dict(job, output_dir=str(tmp_path / "fp32")),
+            dict(job, output_dir=str(tmp_path / "bf16"), parallel=dict(precision="bf16")),
         ],
     )
     fp32, bf16 = read_metrics(tmp_path / "fp32", "train"), read_metrics(tmp_path / "bf16", "train")

@@ -24,14 +24,14 @@ def runs(tmp_path_factory):
         tmp,
         [
             dict(op="init_model", model=TEACHER, output_dir=teacher, seed=11),
-            dict(common, run_dir=str(tmp / "tp1")),
+            dict(common, output_dir=str(tmp / "tp1")),
             dict(op="logits", checkpoint=str(tmp / "tp1/final"), out=str(tmp / "tp1_at_tp1.pt")),
         ],
     )
     run_worker(
         tmp,
         [
-            dict(common, run_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
+            dict(common, output_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
             dict(
                 op="logits",
                 checkpoint=str(tmp / "tp2/final"),
@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
         ],
         nproc=2,
     )
-    run_worker(tmp, [dict(common, run_dir=str(tmp / "dp2"))], nproc=2)
+    run_worker(tmp, [dict(common, output_dir=str(tmp / "dp2"))], nproc=2)
     return tmp
 
 

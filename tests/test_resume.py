@@ -18,7 +18,7 @@ def _job(tmp, run_dir, save_every):
         student=STUDENT,
         optim=OPTIM,
         kd=dict(skip_lm_loss=False),
-        run_dir=str(tmp / run_dir),
+        output_dir=str(tmp / run_dir),
         train=train_cfg(steps=6, save_every=save_every, val_every=3),
     )
 

@@ -1,0 +1,13 @@
+"""Fiddle recipe factories for distill_llm (installed as `distill_llm.recipes`).
+
+- `models`: published architectures (Llama 3.1 8B, Llama 3.2 1B/3B, Qwen2.5 0.5B/1.5B/7B,
+  Mistral 7B) and tiny CPU-sized ones, as `run.Config[ModelConfig]`.
+- `training`: the KD loss, optimizer and schedule, training length and batches, parallel layout.
+- `data`: the data module (weighted prefixes or mock data).
+- one module per complete recipe (`run.Partial` of `distill` or `pretrain`): `tiny`,
+  `tiny_teacher`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`.
+
+Factories only build configs: no training, no I/O at import.
+"""
+
+RECIPES = ("tiny", "tiny_teacher", "llama31_8b_to_llama32_1b", "qwen25_7b_to_qwen25_1p5b")

@@ -1,0 +1,22 @@
+"""The data module factory."""
+
+import nemo_run as run
+
+from distill_llm.data import DataConfig
+
+
+@run.cli.factory
+def blend(
+    paths: list | None = None, split: str = "98,1,1", tokenizer: str | None = None
+) -> run.Config[DataConfig]:
+    """Weighted Megatron prefixes `[w1, prefix1, w2, prefix2, ...]` (see
+    `python -m distill_llm.preprocess`); None or [] = megatron-core's mock data."""
+    return run.Config(DataConfig, paths=list(paths or []), split=split, tokenizer=tokenizer)
+
+
+@run.cli.factory
+def mock() -> run.Config[DataConfig]:
+    """megatron-core's mock GPT data: no files needed."""
+    return run.Config(
+        DataConfig,
+    )

@@ -1,0 +1,58 @@
+"""Distil the tiny teacher into a student half its depth and width, on a CPU in seconds.
+
+Make the teacher first (`tiny_teacher` recipe), then:
+CLI:
+    nemo distill_llm distill --factory tiny --yes
+    nemo distill_llm distill --factory tiny train.steps=50 kd.temperature=2.0 --yes
+    nemo distill_llm distill --factory tiny run.executor=local run.executor.devices=2 --yes
+Python:
+    import nemo_run as run
+    from distill_llm.executors import local
+    from distill_llm.recipes import tiny
+    run.run(tiny.recipe(steps=50), executor=local(devices=2))
+Script:
+    python recipes/tiny.py train.steps=50 --yes
+"""
+
+import nemo_run as run
+
+from distill_llm.api import distill
+from distill_llm.recipes import data, models, training
+
+NAME = "tiny"
+
+
+@run.cli.factory(target=distill, name=NAME)
+def recipe(
+    teacher: str = "runs/tiny/teacher/final", output_dir: str = "runs/tiny/distill", steps: int = 30
+) -> run.Partial:
+    """KD of `tiny_student` from the tiny teacher checkpoint at `teacher`, on mock data."""
+    return run.Partial(
+        distill,
+        teacher=teacher,
+        student=models.tiny_student(),
+        kd=training.kd_loss(temperature=1.0, skip_lm_loss=True),
+        data=data.mock(),
+        train=training.trainer(
+            steps=steps,
+            micro_batch_size=4,
+            global_batch_size=8,
+            seq_length=128,
+            val_every=max(steps // 3, 1),
+            save_every=0,
+        ),  # fmt: skip
+        optim=training.adamw_cosine(lr=2e-3, min_lr=2e-4, warmup_steps=5),
+        parallel=training.layout(tensor_parallel=1, precision="fp32", distributed_optimizer=False),
+        output_dir=output_dir,
+    )
+
+
+def teacher_model() -> run.Config:
+    """The architecture of the teacher checkpoint this recipe expects."""
+    return models.tiny_teacher()
+
+
+if __name__ == "__main__":
+    import distill_llm.cli  # noqa: F401  (registers the checked entry points)
+
+    run.cli.main(distill, default_factory=recipe)

@@ -1,0 +1,71 @@
+"""Factories for the KD loss, optimizer and schedule, training length and parallel layout."""
+
+import nemo_run as run
+
+from distill_llm.kd import KDConfig
+from distill_llm.parallel import ParallelConfig
+from distill_llm.training import OptimConfig, TrainConfig
+
+
+@run.cli.factory
+def kd_loss(
+    temperature: float = 1.0,
+    skip_lm_loss: bool = True,
+    kd_loss_scale: float = 1.0,
+    intermediate_pairs: list | None = None,
+) -> run.Config[KDConfig]:
+    """Logits KD (forward KL at `temperature`), alone or with the student's LM loss
+    (`skip_lm_loss=False`, weighted by `kd_loss_scale`), plus optional intermediate pairs."""
+    return run.Config(
+        KDConfig,
+        temperature=temperature,
+        skip_lm_loss=skip_lm_loss,
+        kd_loss_scale=kd_loss_scale,
+        intermediate_pairs=list(intermediate_pairs or []),
+    )
+
+
+@run.cli.factory
+def adamw_cosine(
+    lr: float = 3e-4, min_lr: float = 3e-5, warmup_steps: int = 10, weight_decay: float = 0.01
+) -> run.Config[OptimConfig]:
+    """AdamW (beta2 0.95, clip 1.0), linear warm-up then cosine decay to `min_lr`."""
+    return run.Config(
+        OptimConfig, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay
+    )
+
+
+@run.cli.factory
+def trainer(
+    steps: int = 100,
+    micro_batch_size: int = 1,
+    global_batch_size: int = 8,
+    seq_length: int = 4096,
+    val_every: int = 50,
+    save_every: int = 50,
+) -> run.Config[TrainConfig]:
+    """Training length, batch sizes (global = micro x accumulation x data parallel) and the
+    validation / checkpoint cadence."""
+    return run.Config(
+        TrainConfig,
+        steps=steps,
+        micro_batch_size=micro_batch_size,
+        global_batch_size=global_batch_size,
+        seq_length=seq_length,
+        val_every=val_every,
+        save_every=save_every,
+    )
+
+
+@run.cli.factory
+def layout(
+    tensor_parallel: int = 1, precision: str = "bf16", distributed_optimizer: bool = True
+) -> run.Config[ParallelConfig]:
+    """Tensor-parallel size (the rest of the processes are data parallel), precision, and
+    whether optimizer states are sharded over data-parallel ranks."""
+    return run.Config(
+        ParallelConfig,
+        tensor_parallel=tensor_parallel,
+        precision=precision,
+        use_distributed_optimizer=distributed_optimizer,
+    )
