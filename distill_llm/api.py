@@ -8,6 +8,7 @@ or call them from Python inside any torchrun-started script.
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 from distill_llm import checkpoint
 from distill_llm import kd as kd_lib
@@ -72,13 +73,13 @@ def _check_common(train, optim, parallel_cfg) -> int:
 
 def distill(
     teacher: str,
-    student: ModelConfig | None = None,
-    student_checkpoint: str | None = None,
-    kd: KDConfig | None = None,
-    data: DataConfig | None = None,
-    train: TrainConfig | None = None,
-    optim: OptimConfig | None = None,
-    parallel: ParallelConfig | None = None,
+    student: Optional[ModelConfig] = None,
+    student_checkpoint: Optional[str] = None,
+    kd: Optional[KDConfig] = None,
+    data: Optional[DataConfig] = None,
+    train: Optional[TrainConfig] = None,
+    optim: Optional[OptimConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/distill",
 ) -> dict:
     """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
@@ -143,12 +144,12 @@ def distill(
 
 
 def pretrain(
-    model: ModelConfig | None = None,
-    init_checkpoint: str | None = None,
-    data: DataConfig | None = None,
-    train: TrainConfig | None = None,
-    optim: OptimConfig | None = None,
-    parallel: ParallelConfig | None = None,
+    model: Optional[ModelConfig] = None,
+    init_checkpoint: Optional[str] = None,
+    data: Optional[DataConfig] = None,
+    train: Optional[TrainConfig] = None,
+    optim: Optional[OptimConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/pretrain",
 ) -> dict:
     """Train a GPT on its own language-model loss (teachers, same-budget baselines).
@@ -190,7 +191,7 @@ def pretrain(
 
 
 def init_model(
-    model: ModelConfig, output_dir: str, seed: int = 1234, parallel: ParallelConfig | None = None
+    model: ModelConfig, output_dir: str, seed: int = 1234, parallel: Optional[ParallelConfig] = None
 ) -> str:
     """Write a freshly initialised model as a checkpoint (e.g. a fixed random teacher)."""
     parallel = parallel or ParallelConfig()

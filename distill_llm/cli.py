@@ -23,6 +23,7 @@ from nemo_run.cli.api import RunContext
 # Registering the factories is importing them.
 from distill_llm import api, executors  # noqa: F401
 from distill_llm import preprocess as preprocess_mod
+from distill_llm.errors import ConfigError
 from distill_llm.recipes import (  # noqa: F401
     data,
     llama31_8b_to_llama32_1b,
@@ -42,7 +43,10 @@ class JobFailed(RuntimeError):
 
 
 def _log_tail(exp_dir: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of the newest log file of an experiment."""
+    """The exceptions found in an experiment's logs, then the last `lines` lines of its main
+    log (torchrun's combined log, or Slurm's .out)."""
+    import re
+
     logs = [
         p
         for p in Path(exp_dir).rglob("*")
@@ -50,9 +54,18 @@ def _log_tail(exp_dir: str, lines: int = LOG_TAIL_LINES) -> str:
     ]
     if not logs:
         return f"(no log files under {exp_dir})"
-    newest = max(logs, key=lambda p: p.stat().st_mtime)
-    text = newest.read_text(errors="replace").splitlines()[-lines:]
-    return f"--- last {len(text)} lines of {newest} ---\n" + "\n".join(text)
+    causes: list[str] = []
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            found = re.search(r"\b[\w.]*(Error|Exception): .*", line)
+            if found and found.group(0) not in causes:
+                causes.append(found.group(0))
+    main = max(
+        logs, key=lambda p: (p.name == "combined.log" or p.suffix == ".out", p.stat().st_mtime)
+    )
+    tail = main.read_text(errors="replace").splitlines()[-lines:]
+    cause = "".join(f"cause: {c}\n" for c in causes[:3])
+    return f"{cause}--- last {len(tail)} lines of {main} ---\n" + "\n".join(tail)
 
 
 def launch(task, executor=None, name: str = "distill_llm", detach: bool = False) -> str:
@@ -80,21 +93,135 @@ def launch(task, executor=None, name: str = "distill_llm", detach: bool = False)
     return state
 
 
+def _world_size(executor) -> int:
+    """Processes the executor will start (for a task run in this process: WORLD_SIZE, as set
+    when the CLI itself runs under torchrun, else 1)."""
+    if executor is None:
+        from distill_llm.parallel import world_size_from_env
+
+        return world_size_from_env()
+    per_node = getattr(executor, "torchrun_nproc_per_node", None) or getattr(
+        executor, "ntasks_per_node", 1
+    )
+    return int(getattr(executor, "nodes", 1) or 1) * int(per_node or 1)
+
+
+def preflight(task, executor) -> None:
+    """The layout checks the engine would make at start-up, made before anything is submitted:
+    world size vs TP x PP, heads / query groups / FFN vs TP, batch divisibility, and (when the
+    teacher checkpoint is visible here) teacher/student compatibility. Raises ConfigError."""
+    import fiddle as fdl
+
+    from distill_llm import checkpoint, kd
+    from distill_llm.data import BatchPlan
+    from distill_llm.parallel import ParallelConfig
+    from distill_llm.training import TrainConfig
+
+    fn = getattr(task, "__fn_or_cls__", None)
+    if fn not in (api.distill, api.pretrain):
+        return
+    args = fdl.build(task).keywords
+    par = args.get("parallel") or ParallelConfig()
+    train = args.get("train") or TrainConfig()
+    dp = par.validate(_world_size(executor))
+    BatchPlan(train.micro_batch_size, train.global_batch_size, dp)
+    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    if fn is api.pretrain:
+        if args.get("model") is not None:
+            args["model"].validate(tp, pp, role="model")
+            kd.check_seq_length(args["model"], train.seq_length, "model")
+        return
+    student, teacher = args.get("student"), args.get("teacher")
+    if student is not None:
+        student.validate(tp, pp, role="student")
+        kd.check_seq_length(student, train.seq_length, "student")
+    if student is not None and teacher and (Path(teacher) / checkpoint.META_FILE).is_file():
+        kd.check_compatible(
+            student,
+            checkpoint.model_config_of(teacher),
+            seq_length=train.seq_length,
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
+        )
+
+
+def dryrun(task, executor, name: str) -> str:
+    """Write what the executor would submit (for Slurm, the sbatch script) without submitting;
+    returns the experiment directory."""
+    with run.Experiment(name, executor=executor, log_level="WARN") as exp:
+        exp.add(task, name=name)
+        exp.dryrun(delete_exp_dir=False)
+    for script in sorted(Path(exp._exp_dir).glob("*_sbatch.sh")):
+        print(f"--- {script} ---\n{script.read_text()}")
+    return exp._exp_dir
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _explain(err: Exception, args: list[str]) -> str:
+    """NeMo-Run's parse errors, cut to one line that names the fix."""
+    import re
+
+    text = str(err)
+    if text.startswith("No matching factory found for"):
+        name = text.rsplit(":", 1)[-1].strip()
+        return f"unknown recipe {name!r}; choose one of: {', '.join(recipes_list())}"
+    if text.startswith("Executor") and text.endswith("not found"):
+        return f"unknown executor {text.split()[1]!r}; choose one of: local, slurm, docker"
+    if text.startswith("Invalid argument: No parameter named"):
+        found = re.search(r"\(Argument: ([^,]+), Context", text)
+        arg = found.group(1) if found else "an override"
+        parent, _, name = arg.split("=")[0].rpartition(".")
+        return (
+            f"{arg}: {parent or 'the entry point'} has no field {name!r}; "
+            "list the fields with --to-yaml FILE"
+        )
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def recipes_list() -> list[str]:
+    from distill_llm.recipes import RECIPES
+
+    return list(RECIPES)
+
+
 class CheckedRunContext(RunContext):
-    """NeMo-Run's run context, launching through `launch` so failures exit non-zero."""
+    """NeMo-Run's run context with: one-line errors for bad input, the engine's layout checks
+    before submission, a real dry run (sbatch script written), and a non-zero exit with the
+    log tail when the job fails (NeMo-Run's `run.run` returns None then)."""
+
+    def cli_execute(self, fn, args, entrypoint_type="task"):
+        import logging
+
+        # the parser logs each error with the whole config before raising; we print one line
+        logging.getLogger("nemo_run.cli.cli_parser").setLevel(logging.CRITICAL)
+        try:
+            return super().cli_execute(fn, args, entrypoint_type)
+        except ConfigError as err:
+            _fail(str(err))
+        except Exception as err:
+            if getattr(self, "verbose", False):
+                raise
+            _fail(_explain(err, args))
 
     def _execute_task(self, fn, task_args):
         if any([self.to_yaml, self.to_toml, self.to_json]):
             return super()._execute_task(fn, task_args)
         task = self.parse_fn(fn, task_args)
-        run.dryrun_fn(task, executor=self.executor)
+        executor = None if self.direct else self.executor
+        preflight(task, executor)
         if self.dryrun:
-            print(f"Dry run for {self.name}: nothing submitted.")
+            run.dryrun_fn(task, executor=executor)
+            if executor is not None:
+                where = dryrun(task, executor, self.name)
+                print(f"Dry run: the request is written under {where}; nothing submitted.")
             return None
         if not self._should_continue(self.skip_confirmation):
             print("Exiting...")
             return None
-        executor = None if self.direct else self.executor
         try:
             state = launch(task, executor, name=self.name, detach=self.detach)
         except JobFailed as err:

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, List, Optional, Union
 
 import numpy as np
 import torch
@@ -42,10 +43,10 @@ class DataConfig:
     prefixes carry the `.meta.json` that `distill_llm.preprocess` writes.
     """
 
-    paths: list | str = field(default_factory=list)  # weighted prefixes; [] = mock data
+    paths: Union[List[Any], str] = field(default_factory=list)  # weighted prefixes; [] = mock data
     split: str = "98,1,1"  # train/valid/test shares of each prefix's documents
-    tokenizer: str | None = None  # HF tokenizer dir or SentencePiece .model of the data
-    cache_dir: str | None = None  # megatron's index caches; None = <output_dir>/data_cache
+    tokenizer: Optional[str] = None  # HF tokenizer dir or SentencePiece .model of the data
+    cache_dir: Optional[str] = None  # megatron's index caches; None = <output_dir>/data_cache
     eod_mask_loss: bool = False  # leave end-of-document targets out of the loss
 
     @property

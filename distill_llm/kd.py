@@ -3,6 +3,7 @@ student+teacher wrapper and the masked, TP/DP-correct loss reduction."""
 
 from dataclasses import dataclass, field
 from types import MethodType
+from typing import List
 
 import torch
 
@@ -24,7 +25,9 @@ class KDConfig:
     skip_lm_loss: bool = True  # train on the KD loss alone (the LM loss is still logged)
     kd_loss_scale: float = 1.0  # with skip_lm_loss=False: KD weight after ModelOpt rescales it
     # to the LM loss's magnitude, so total = LM + kd_loss_scale x LM-sized KD
-    intermediate_pairs: list = field(default_factory=list)  # [student_module, teacher_module,
+    intermediate_pairs: List[List[str]] = field(
+        default_factory=list
+    )  # [student_module, teacher_module,
     # "cosine"|"mse"] triples, e.g. ["decoder.final_layernorm", "decoder.final_layernorm", "cosine"]
 
     def validate(self) -> None:

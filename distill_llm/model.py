@@ -3,7 +3,7 @@
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,8 @@ class ModelConfig:
     hidden_size: int = 64
     ffn_hidden_size: int = 256  # width of the MLP; per branch when gated (SwiGLU)
     num_attention_heads: int = 4
-    num_query_groups: int | None = None  # GQA key/value heads; None = one per attention head
-    kv_channels: int | None = None  # per-head width; None = hidden_size / num_attention_heads
+    num_query_groups: Optional[int] = None  # GQA key/value heads; None = one per attention head
+    kv_channels: Optional[int] = None  # per-head width; None = hidden_size / num_attention_heads
     vocab_size: int = 1024  # the tokenizer's real vocabulary, before Megatron padding
     max_seq_length: int = 256  # longest sequence the positions support
     position_embedding: PositionEmbedding = "rope"

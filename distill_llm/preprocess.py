@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import List, Union
 
 import numpy as np
 
@@ -259,9 +260,9 @@ def _alive(pid: int) -> bool:
 
 
 def preprocess(
-    input: str | list[str],
+    input: Union[str, List[str]],
     output_prefix: str,
-    tokenizer: str | Tokenizer,
+    tokenizer: Union[str, Tokenizer],
     text_key: str = "text",
     workers: int = 1,
     overwrite: bool = False,

@@ -5,6 +5,8 @@ Defaults suit NVIDIA's NeMo containers: `NEMO_IMAGE`, the environment below, hos
 large shared-memory segment for the data loader and NCCL.
 """
 
+from typing import Dict, List, Optional
+
 import nemo_run as run
 
 NEMO_IMAGE = "nvcr.io/nvidia/nemo:25.09"
@@ -32,7 +34,7 @@ def _packager(kind: str, job: str):
 
 
 @run.cli.factory
-def local(devices: int = 1, env_vars: dict | None = None) -> run.Config[run.Executor]:
+def local(devices: int = 1, env_vars: Optional[Dict[str, str]] = None) -> run.Config[run.Executor]:
     """This machine: `devices` processes under torchrun (one per GPU; on a CPU, gloo)."""
     if devices < 1:
         raise ValueError(f"local: devices must be at least 1, got {devices}")
@@ -47,16 +49,16 @@ def local(devices: int = 1, env_vars: dict | None = None) -> run.Config[run.Exec
 @run.cli.factory
 def slurm(
     account: str = "",
-    partition: str | None = None,
+    partition: Optional[str] = None,
     nodes: int = 1,
     gpus_per_node: int = 8,
-    tasks_per_node: int | None = None,
+    tasks_per_node: Optional[int] = None,
     time: str = "04:00:00",
-    container_image: str | None = NEMO_IMAGE,
-    container_mounts: list | None = None,
-    env_vars: dict | None = None,
-    host: str | None = None,
-    user: str | None = None,
+    container_image: Optional[str] = NEMO_IMAGE,
+    container_mounts: Optional[List[str]] = None,
+    env_vars: Optional[Dict[str, str]] = None,
+    host: Optional[str] = None,
+    user: Optional[str] = None,
     remote_job_dir: str = "",
     packager: str = "git",
     exclusive: bool = True,
@@ -96,9 +98,9 @@ def slurm(
 def docker(
     image: str = NEMO_IMAGE,
     gpus: int = 8,
-    volumes: list | None = None,
+    volumes: Optional[List[str]] = None,
     shm_size: str = "64g",
-    env_vars: dict | None = None,
+    env_vars: Optional[Dict[str, str]] = None,
     packager: str = "git",
 ) -> run.Config[run.Executor]:
     """A local Docker container (NVIDIA runtime): `gpus` torchrun processes, host IPC, the

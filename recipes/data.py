@@ -1,5 +1,7 @@
 """The data module factory."""
 
+from typing import Any, List, Optional
+
 import nemo_run as run
 
 from distill_llm.data import DataConfig
@@ -7,7 +9,7 @@ from distill_llm.data import DataConfig
 
 @run.cli.factory
 def blend(
-    paths: list | None = None, split: str = "98,1,1", tokenizer: str | None = None
+    paths: Optional[List[Any]] = None, split: str = "98,1,1", tokenizer: Optional[str] = None
 ) -> run.Config[DataConfig]:
     """Weighted Megatron prefixes `[w1, prefix1, w2, prefix2, ...]` (see
     `python -m distill_llm.preprocess`); None or [] = megatron-core's mock data."""

@@ -18,6 +18,8 @@ Python:
     run.run(recipe, executor=slurm(account="ACC", partition="batch", nodes=2))
 """
 
+from typing import Optional
+
 import nemo_run as run
 
 from distill_llm.api import distill
@@ -29,7 +31,7 @@ NAME = "llama31_8b_to_llama32_1b"
 @run.cli.factory(target=distill, name=NAME)
 def recipe(
     teacher: str = "/checkpoints/llama31_8b",
-    student_checkpoint: str | None = None,
+    student_checkpoint: Optional[str] = None,
     output_dir: str = "runs/llama31_8b_to_llama32_1b",
     steps: int = 1000,
 ) -> run.Partial:

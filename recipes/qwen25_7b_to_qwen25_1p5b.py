@@ -14,6 +14,8 @@ Python:
     run.run(r.recipe(teacher="/ckpt/qwen25_7b"), executor=slurm(account="ACC", partition="batch"))
 """
 
+from typing import Optional
+
 import nemo_run as run
 
 from distill_llm.api import distill
@@ -25,7 +27,7 @@ NAME = "qwen25_7b_to_qwen25_1p5b"
 @run.cli.factory(target=distill, name=NAME)
 def recipe(
     teacher: str = "/checkpoints/qwen25_7b",
-    student_checkpoint: str | None = None,
+    student_checkpoint: Optional[str] = None,
     output_dir: str = "runs/qwen25_7b_to_qwen25_1p5b",
     steps: int = 1000,
 ) -> run.Partial:

@@ -1,5 +1,7 @@
 """Factories for the KD loss, optimizer and schedule, training length and parallel layout."""
 
+from typing import List, Optional
+
 import nemo_run as run
 
 from distill_llm.kd import KDConfig
@@ -12,7 +14,7 @@ def kd_loss(
     temperature: float = 1.0,
     skip_lm_loss: bool = True,
     kd_loss_scale: float = 1.0,
-    intermediate_pairs: list | None = None,
+    intermediate_pairs: Optional[List[List[str]]] = None,
 ) -> run.Config[KDConfig]:
     """Logits KD (forward KL at `temperature`), alone or with the student's LM loss
     (`skip_lm_loss=False`, weighted by `kd_loss_scale`), plus optional intermediate pairs."""

@@ -1,0 +1,316 @@
+"""Recipes, executors and the `nemo distill_llm ...` CLI: configs, dry runs, real local torchrun
+and real Slurm runs, and the exact Docker request."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import fiddle as fdl
+import pytest
+from conftest import ROOT
+
+from distill_llm import kd
+from distill_llm.data import BatchPlan
+from distill_llm.recipes import RECIPES, models
+
+VENV_BIN = Path(sys.executable).parent
+NEMO = str(VENV_BIN / "nemo")
+
+# Published parameter counts (embeddings included), billions.
+PUBLISHED = {
+    "llama31_8b": 8.03,
+    "llama32_1b": 1.24,
+    "llama32_3b": 3.21,
+    "qwen25_0p5b": 0.494,
+    "qwen25_1p5b": 1.54,
+    "qwen25_7b": 7.62,
+    "mistral_7b": 7.25,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_architectures_have_their_published_sizes(name):
+    cfg = fdl.build(getattr(models, name)())
+    cfg.validate(1, 1)
+    assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.01)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_builds_a_consistent_config(name):
+    """Full config built (no model instantiated); the layout fits the worlds it targets."""
+    module = importlib.import_module(f"distill_llm.recipes.{name}")
+    args = fdl.build(module.recipe()).keywords
+    par, train = args["parallel"], args["train"]
+    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    worlds = [1, 2] if name.startswith("tiny") else [8, 16, 32]  # processes: CPU / 8-GPU nodes
+    for world in worlds:
+        dp = par.validate(world)
+        BatchPlan(train.micro_batch_size, train.global_batch_size, dp)
+    student = args.get("student") or args.get("model")
+    student.validate(tp, pp)
+    kd.check_seq_length(student, train.seq_length, "student")
+    if "teacher" in args:
+        teacher = fdl.build(module.teacher_model())
+        kd.check_compatible(
+            student, teacher, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
+        )
+        assert teacher.vocab_size == student.vocab_size
+        assert teacher.num_parameters() > 2 * student.num_parameters()
+
+
+def _nemo(args, cwd, home, timeout=600, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        NEMORUN_HOME=str(home),
+        PATH=f"{VENV_BIN}:{env['PATH']}",
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        **(env_extra or {}),
+    )
+    return subprocess.run(
+        [NEMO, "distill_llm", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def git_repo(tmp_path_factory):
+    """A committed git repository to launch from (the git packager ships committed code)."""
+    repo = tmp_path_factory.mktemp("repo")
+    (repo / "README").write_text("launch dir\n")
+    for cmd in (["init", "-q"], ["add", "README"], ["commit", "-qm", "init"]):
+        subprocess.run(
+            ["git", "-c", "user.email=t@t", "-c", "user.name=t", *cmd], cwd=repo, check=True
+        )
+    return repo
+
+
+def test_dryrun_of_every_recipe(git_repo, tmp_path):
+    for name in RECIPES:
+        entry = "pretrain" if name == "tiny_teacher" else "distill"
+        # the tiny ones in this process, the 8-GPU ones as a one-node Slurm job
+        where = [] if name.startswith("tiny") else ["run.executor=slurm", "run.executor.account=a"]
+        out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"Dry run for task distill_llm.api:{entry}" in out.stdout
+
+
+def test_sbatch_script_for_two_nodes_of_eight_gpus(git_repo, tmp_path):
+    out = _nemo(
+        [
+            "distill",
+            "--factory",
+            "llama31_8b_to_llama32_1b",
+            "run.executor=slurm",
+            "run.executor.account=acct",
+            "run.executor.partition=batch",
+            "run.executor.nodes=2",
+            "run.executor.container_mounts=['/lustre/data:/data','/lustre/ckpt:/ckpt']",
+            "teacher=/ckpt/llama31_8b",
+            "--dryrun",
+        ],
+        git_repo,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    scripts = list(tmp_path.rglob("*_sbatch.sh"))
+    assert len(scripts) == 1
+    sbatch = scripts[0].read_text()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --account=acct",
+        "#SBATCH --partition=batch",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+    ):
+        assert line in sbatch
+    srun = next(ln for ln in sbatch.splitlines() if ln.startswith("srun ") and "torchrun" in ln)
+    assert "--container-image nvcr.io/nvidia/nemo:" in srun
+    assert re.search(
+        r"--container-mounts /lustre/data:/data,/lustre/ckpt:/ckpt,\S+:/nemo_run", srun
+    )
+    assert "--nnodes 2 --nproc-per-node 8" in srun
+    assert "--node-rank $SLURM_NODEID" in srun
+    assert "-m nemo_run.core.runners.fdl_runner" in srun
+    # the task config it ships: the recipe with the override
+    config = next(tmp_path.rglob("distill_config.yaml")).read_text()
+    assert "teacher: /ckpt/llama31_8b" in config and "tensor_parallel: 2" in config
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--factory", "nope"], "error: unknown recipe 'nope'; choose one of: tiny,"),
+        (["--factory", "tiny", "run.executor=nope"], "error: unknown executor 'nope'; choose"),
+        (["--factory", "tiny", "train.nope=3"], "error: train.nope=3: train has no field 'nope'"),
+        (
+            ["--factory", "tiny", "parallel.tensor_parallel=3"],
+            "error: world size 1 is not divisible by tensor_parallel x pipeline_parallel = 3",
+        ),
+        (
+            ["--factory", "tiny", "run.executor=local", "run.executor.ntasks_per_node=3"],
+            "error: global_batch_size 8 is not divisible by micro_batch_size 4 x data-parallel",
+        ),
+    ],
+)
+def test_bad_input_is_one_line(git_repo, tmp_path, args, message):
+    out = _nemo(["distill", *args, "--yes"], git_repo, tmp_path)
+    assert out.returncode == 2
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith(message), out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """The tiny recipe's teacher architecture, freshly initialised (fast, in this process)."""
+    import distill_llm as dl
+
+    path = tmp_path_factory.mktemp("teacher") / "ckpt"
+    dl.init_model(fdl.build(models.tiny_teacher()), str(path), seed=5)
+    return path
+
+
+def test_local_torchrun_run_and_failure(git_repo, tmp_path, tiny_teacher):
+    out_dir = tmp_path / "run"
+    common = [
+        "distill",
+        "--factory",
+        "tiny",
+        f"teacher={tiny_teacher}",
+        f"output_dir={out_dir}",
+        "train.steps=3",
+        "train.val_every=3",
+        "run.executor=local",
+        "run.executor.ntasks_per_node=2",
+        "--yes",
+    ]
+    out = _nemo(common, git_repo, tmp_path / "home")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "distill: SUCCEEDED" in out.stdout
+    assert (out_dir / "final/distill_llm.json").is_file()
+    steps = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in steps if e["kind"] == "train"] == [1, 2, 3]
+
+    # a job that fails inside (data the preflight cannot see) exits 1 with its log tail
+    bad = _nemo(
+        [*common, "data.paths=[/nonexistent/prefix]", f"output_dir={tmp_path / 'bad'}"],
+        git_repo,
+        tmp_path / "home",
+    )
+    assert bad.returncode == 1
+    assert "job distill ended FAILED" in bad.stderr
+    assert "/nonexistent/prefix.bin is missing" in bad.stderr  # from the job's own log
+
+
+DOCKER_CAPTURE = """
+import json, sys
+from pathlib import Path
+from unittest import mock
+
+import docker
+import fiddle as fdl
+
+from distill_llm.cli import launch
+from distill_llm.executors import docker as docker_executor
+from distill_llm.recipes import tiny
+
+calls = []
+
+
+def run_container(image, command, **kwargs):
+    calls.append(dict(image=image, command=command, **kwargs))
+    # play the container finishing: nemo_run reads its exit status from the job dir
+    job_dir = next(v.split(":")[0] for v in kwargs["volumes"] if v.endswith(":/nemo_run"))
+    Path(job_dir, "status_" + kwargs["name"] + ".out").write_text('{"id": 1, "exit_code": "0"}')
+    return mock.MagicMock()
+
+
+client = mock.MagicMock()
+client.containers.run.side_effect = run_container
+client.containers.list.return_value = []
+docker.from_env = lambda *a, **k: client
+executor = fdl.build(docker_executor(gpus=8, volumes=["/data:/data"], env_vars={"HF_HOME": "/h"}))
+state = launch(tiny.recipe(teacher="/data/teacher"), executor, name="distill")
+(call,) = calls
+call["device_requests"] = [{"count": d.count} for d in call["device_requests"]]
+call["ulimits"] = [dict(u) for u in call["ulimits"]]
+print(json.dumps({"state": state, "call": call}, default=str))
+"""
+
+
+def test_docker_request(git_repo, tmp_path):
+    """No engine here: capture the docker SDK call the Docker executor makes (and play the
+    container finishing with exit code 0)."""
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path), PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, "-c", DOCKER_CAPTURE],
+        cwd=git_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["state"] == "SUCCEEDED"
+    call = result["call"]
+    assert call["image"].startswith("nvcr.io/nvidia/nemo:")
+    assert call["shm_size"] == "64g" and call["ipc_mode"] == "host"
+    assert call["runtime"] == "nvidia"
+    assert call["device_requests"] == [{"count": 8}]
+    assert "/data:/data" in call["volumes"]
+    assert any(v.endswith(":/nemo_run") for v in call["volumes"])
+    env = call["environment"]
+    assert env["HF_HOME"] == "/h" and env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "torchrun" in call["command"] and "--nproc-per-node 8" in call["command"]
+    assert "nemo_run.core.runners.fdl_runner" in call["command"]
+    assert sorted(u["Name"] for u in call["ulimits"]) == ["memlock", "stack"]
+
+
+def test_recipes_are_subpackages_not_top_level():
+    import distill_llm.executors
+    import distill_llm.recipes
+
+    assert Path(distill_llm.recipes.__file__).parent == ROOT / "recipes"
+    assert Path(distill_llm.executors.__file__).parent == ROOT / "executors"
+    for top in ("recipes", "executors"):  # nothing generic installed at the top level
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import {top}"], cwd="/", capture_output=True
+        )
+        assert probe.returncode != 0 and b"ModuleNotFoundError" in probe.stderr
+
+
+@pytest.mark.parametrize(
+    "arg, field, value",
+    [
+        ("student.num_query_groups=1", ("student", "num_query_groups"), 1),
+        ("data.tokenizer=/x/tok", ("data", "tokenizer"), "/x/tok"),
+        ("data.paths=[1.0,/data/x]", ("data", "paths"), "[1.0,/data/x]"),  # the seed's form
+        ("data.paths=[0.3,'/a',0.7,'/b']", ("data", "paths"), [0.3, "/a", 0.7, "/b"]),
+        ("data.cache_dir=None", ("data", "cache_dir"), None),
+        ("student_checkpoint=/c", ("student_checkpoint",), "/c"),
+        ("kd.intermediate_pairs=[['a','b','mse']]", ("kd", "intermediate_pairs"), [["a", "b", "mse"]]),  # noqa: E501
+        ("parallel.precision=bf16", ("parallel", "precision"), "bf16"),
+    ],
+)  # fmt: skip
+def test_command_line_overrides_reach_the_config(arg, field, value):
+    """Every kind of field accepts `key=value` (NeMo-Run's parser rejects `X | None` types)."""
+    from nemo_run.cli.cli_parser import parse_cli_args
+
+    from distill_llm.data import parse_blend
+    from distill_llm.recipes import tiny
+
+    built = fdl.build(parse_cli_args(tiny.recipe(), [arg])).keywords
+    got = built[field[0]] if len(field) == 1 else getattr(built[field[0]], field[1])
+    assert got == value
+    if field == ("data", "paths"):
+        assert parse_blend(got)[0][0].endswith(("/data/x", "/a"))
