@@ -2,8 +2,9 @@
 teacher). Both take plain dataclass configs, so Fiddle and NeMo-Run can build and launch them.
 
 Launch (one process per tensor-parallel rank, times data-parallel replicas):
-    torchrun --nproc_per_node=2 -m distill_llm.launch ...      # see distill_llm/launch.py
-or call them from Python inside any torchrun-started script.
+    nemo distill_llm distill --factory tiny run.executor=local run.executor.ntasks_per_node=2
+(see distill_llm/cli.py and the recipes), or call them from Python inside any script started
+with `torchrun --nproc_per_node=N`.
 """
 
 import dataclasses

@@ -314,3 +314,32 @@ def test_command_line_overrides_reach_the_config(arg, field, value):
     assert got == value
     if field == ("data", "paths"):
         assert parse_blend(got)[0][0].endswith(("/data/x", "/a"))
+
+
+def test_preprocess_and_a_recipe_script_through_the_cli(tmp_path):
+    from distill_llm.tokenizer import train_bpe_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50))
+    )
+    train_bpe_tokenizer(str(corpus), str(tmp_path / "tok"), vocab_size=300)
+    out = _nemo(
+        ["preprocess", f"input={corpus}", f"output_prefix={tmp_path / 'data/c'}",
+         f"tokenizer={tmp_path / 'tok'}", "workers=2", "--yes"],
+        tmp_path, tmp_path / "home",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "wrote" in out.stdout and "50 documents" in out.stdout
+    assert (tmp_path / "data/c.idx").is_file()
+
+    # a Python recipe script takes the same overrides (run.cli.main), here for real
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "home"), PYTHONWARNINGS="ignore")
+    script = subprocess.run(
+        [sys.executable, str(ROOT / "recipes/tiny_teacher.py"), "train.steps=2",
+         f"output_dir={tmp_path / 'teacher'}", "--yes"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert "pretrain: SUCCEEDED" in script.stdout
+    assert (tmp_path / "teacher/final/distill_llm.json").is_file()
