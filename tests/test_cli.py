@@ -101,6 +101,22 @@ def test_dryrun_of_every_recipe(git_repo, tmp_path):
         out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"Dry run for task distill_llm.api:{entry}" in out.stdout
+    # --to-yaml writes the fully resolved config, overrides included, and runs nothing
+    out = _nemo(
+        [
+            "distill",
+            "--factory",
+            "tiny",
+            "kd.temperature=2.5",
+            "--to-yaml",
+            str(tmp_path / "t.yaml"),
+        ],
+        git_repo,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "t.yaml").read_text()
+    assert "temperature: 2.5" in text and "num_layers: 2" in text and "_target_" in text
 
 
 def test_sbatch_script_for_two_nodes_of_eight_gpus(git_repo, tmp_path):
