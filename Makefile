@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # would otherwise pull a multi-GB CUDA build.
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench clean quickstart docs-plot
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,16 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# pretrain a small teacher, distil a student, compare with a same-budget baseline (CPU, ~10 min)
+quickstart: setup
+	$(PY) -m distill_llm.quickstart
+
+# the README's quickstart figure and numbers, regenerated from a full quickstart run
+docs-plot: quickstart
+	mkdir -p docs
+	cp runs/quickstart/loss_curves.png docs/quickstart_loss_curves.png
+	cp runs/quickstart/results.json docs/quickstart_results.json
 
 bench: setup
 	$(PY) bench/step_time.py

@@ -3,7 +3,7 @@
 Importing the package is cheap; megatron-core and ModelOpt load when an entry point runs.
 """
 
-from distill_llm.api import default_student, distill, init_model, pretrain
+from distill_llm.api import default_student, distill, evaluate, init_model, pretrain
 from distill_llm.data import DataConfig
 from distill_llm.errors import ConfigError
 from distill_llm.kd import KDConfig
@@ -23,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "default_student",
     "distill",
+    "evaluate",
     "init_model",
     "pretrain",
 ]

@@ -133,13 +133,15 @@ def distill(
         },
     )
     dtype = parallel.params_dtype
+    # The student is built first, so a fresh student starts from exactly the weights `pretrain`
+    # gives the same architecture and seed (a fair from-scratch baseline).
+    student_model = build_gpt(student, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
+    if student_checkpoint:
+        checkpoint.load_model(student_checkpoint, student_model, student, role="student")
     teacher_model = build_gpt(
         teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype
     )
     checkpoint.load_model(teacher, teacher_model, teacher_cfg, role="teacher")
-    student_model = build_gpt(student, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
-    if student_checkpoint:
-        checkpoint.load_model(student_checkpoint, student_model, student, role="student")
     model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
     return _fit(model, student, data, source, train, optim, parallel, run_path, dp_size)
 
@@ -207,3 +209,69 @@ def init_model(
     )
     checkpoint.save_model(output_dir, gpt, model, step=0)
     return output_dir
+
+
+def evaluate(
+    teacher: str,
+    model_checkpoint: str,
+    data: Optional[DataConfig] = None,
+    train: Optional[TrainConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
+    output_file: Optional[str] = None,
+) -> dict:
+    """Held-out LM loss, perplexity and KL(teacher || model) of the model at `model_checkpoint`.
+
+    The validation samples are those `distill` and `pretrain` validate on for the same `data`
+    and `train` (seq_length, global batch, val_batches, seed). The KL is at temperature 1,
+    averaged over tokens. Returns {"val_loss", "val_ppl", "kl_to_teacher", "params"} and, with
+    `output_file`, writes it there as JSON.
+    """
+    import json
+
+    data, train = data or DataConfig(), train or TrainConfig()
+    parallel = parallel or ParallelConfig()
+    dp_size = _check_common(train, OptimConfig(), parallel)
+    teacher_cfg = checkpoint.model_config_of(teacher)
+    model_cfg = checkpoint.model_config_of(model_checkpoint)
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    kd_lib.check_compatible(
+        model_cfg,
+        teacher_cfg,
+        seq_length=train.seq_length,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+    )
+    vocab = {"teacher": teacher_cfg.vocab_size, "model": model_cfg.vocab_size}
+    source = data.resolve(vocab, train.seq_length)
+    dist.initialize(parallel, train.seed)
+    dtype = parallel.params_dtype
+    teacher_model = build_gpt(
+        teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype
+    )
+    checkpoint.load_model(teacher, teacher_model, teacher_cfg, role="teacher")
+    model = build_gpt(model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
+    checkpoint.load_model(model_checkpoint, model, model_cfg, role="model")
+    wrapped = kd_lib.build_distillation_model(model, teacher_model, KDConfig(temperature=1.0))
+    # megatron's index caches: rank 0 writes, the others read, so a shared path
+    where = Path(model_checkpoint).resolve().parent / "eval"
+    trainer = Trainer(
+        model=wrapped,
+        student_cfg=model_cfg,
+        data=_data_module(data, source, train, dp_size, where),
+        train=train,
+        optim=OptimConfig(),
+        parallel_cfg=parallel,
+        run_dir=where,  # nothing is saved: validation only
+        is_distillation=True,
+    )
+    valid = trainer.validate()
+    result = {
+        "val_loss": valid["val_lm_loss"],
+        "val_ppl": valid["val_ppl"],
+        "kl_to_teacher": valid["val_kd_loss"],
+        "params": model_cfg.num_parameters(),
+    }
+    if output_file and dist.is_main():
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_file).write_text(json.dumps(result, indent=2))
+    return result

@@ -239,4 +239,5 @@ def _register(fn, help_text: str):
 
 distill = _register(api.distill, "Distil a student from a frozen teacher checkpoint.")
 pretrain = _register(api.pretrain, "Train a GPT on its own LM loss (teachers, baselines).")
+evaluate = _register(api.evaluate, "Held-out LM loss, perplexity and KL to the teacher.")
 preprocess = _register(preprocess_mod.preprocess, "Tokenize text into a .bin/.idx dataset.")

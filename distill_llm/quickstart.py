@@ -1,0 +1,410 @@
+"""The quickstart: on a CPU, in minutes, with nothing downloaded, pretrain a small teacher,
+distil a student several times smaller, train the same student from scratch on the same data
+and budget (the baseline), and compare them.
+
+    make quickstart                      # = .venv/bin/python -m distill_llm.quickstart
+    python -m distill_llm.quickstart --output-dir runs/quickstart --seeds 1234 4321
+
+Stages (each prints its progress; the training ones are tasks of one NeMo-Run experiment on the
+local executor, torchrun with 2 processes):
+ 1. corpus: the Python standard library's own source files (present offline on every machine
+    with Python), one document per file, split by file into train and validation;
+ 2. a byte-level BPE tokenizer trained on the train split; both splits preprocessed into one
+    indexed dataset (train documents first, the split string cuts exactly between them);
+ 3. teacher pretraining; 4. KD of the student; 5. the baseline student (`pretrain`);
+ 6. held-out LM loss, perplexity and KL to the teacher of all three; a table,
+    `results.json` and `loss_curves.png`.
+A second run reuses the corpus, tokenizer, data and teacher while their settings match.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+from distill_llm.data import DataConfig
+from distill_llm.kd import KDConfig
+from distill_llm.model import ModelConfig
+from distill_llm.parallel import ParallelConfig
+from distill_llm.training import OptimConfig, TrainConfig
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes chosen so the whole run fits in ~10 minutes on 2 CPU cores."""
+
+    output_dir: str = "runs/quickstart"
+    corpus_mb: float = 6.0  # standard-library source read (MB), one document per file
+    valid_fraction: float = 0.05  # share of files held out for validation
+    vocab_size: int = 4096
+    seq_length: int = 128
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4,
+            num_query_groups=2,
+        )
+    )  # fmt: skip
+    student: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4,
+            num_query_groups=2,
+        )
+    )  # fmt: skip
+    teacher_steps: int = 300
+    student_steps: int = 300  # the KD student and the baseline alike
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    val_every: int = 25  # the students' curves
+    teacher_val_every: int = 100
+    val_batches: int = 4
+    teacher_lr: float = 2e-3
+    student_lr: float = 3e-3
+    temperature: float = 1.0
+    devices: int = 2  # torchrun processes (data parallel)
+    seeds: List[int] = field(default_factory=lambda: [1234])
+
+
+def small() -> QuickstartConfig:
+    """The same code path at test sizes (a minute or two)."""
+    return QuickstartConfig(
+        corpus_mb=0.6, vocab_size=512, seq_length=32,
+        teacher=ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                            num_attention_heads=4, num_query_groups=2),
+        student=ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64,
+                            num_attention_heads=4, num_query_groups=2),
+        teacher_steps=6, student_steps=4, micro_batch_size=2, global_batch_size=4,
+        val_every=2, teacher_val_every=3, val_batches=1,
+    )  # fmt: skip
+
+
+def _say(msg: str) -> None:
+    print(f"[quickstart {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _stamp_ok(path: Path, settings: dict) -> bool:
+    return path.is_file() and json.loads(path.read_text()) == settings
+
+
+def build_corpus(out: Path, megabytes: float, valid_fraction: float) -> dict:
+    """Standard-library .py files as JSONL documents; held out by a hash of the file name."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    random.Random(0).shuffle(files)
+    budget, docs = int(megabytes * 1e6), {"train": [], "valid": []}
+    used = 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        rel = str(f.relative_to(stdlib))
+        digest = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        docs["valid" if digest < valid_fraction else "train"].append(text)
+        used += len(text.encode())
+        if used >= budget:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    for split, texts in docs.items():
+        with open(out / f"{split}.jsonl", "w") as fh:
+            for t in texts:
+                fh.write(json.dumps({"text": t}) + "\n")
+    return {k: len(v) for k, v in docs.items()} | {"bytes": used}
+
+
+def prepare_data(cfg: QuickstartConfig) -> dict:
+    """Corpus, tokenizer and the indexed dataset, reused while their settings match."""
+    from distill_llm.preprocess import preprocess
+    from distill_llm.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    root = Path(cfg.output_dir) / "data"
+    settings = {
+        "python": sys.version.split()[0],
+        "corpus_mb": cfg.corpus_mb,
+        "valid_fraction": cfg.valid_fraction,
+        "vocab_size": cfg.vocab_size,
+    }
+    stamp = root / "settings.json"
+    prefix = root / "stdlib"
+    if _stamp_ok(stamp, settings) and Path(f"{prefix}.idx").is_file():
+        info = json.loads((root / "info.json").read_text())
+        _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid files)")
+        return info
+    _say(f"data: reading ~{cfg.corpus_mb:g} MB of the standard library's source")
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    counts = build_corpus(root / "corpus", cfg.corpus_mb, cfg.valid_fraction)
+    _say(f"data: {counts['train']} train / {counts['valid']} valid files; training tokenizer")
+    tok = train_bpe_tokenizer(
+        str(root / "corpus/train.jsonl"), str(root / "tokenizer"), cfg.vocab_size
+    )
+    # train documents first, then valid: split "n_train,n_valid,0" cuts exactly between them
+    both = [str(root / "corpus/train.jsonl"), str(root / "corpus/valid.jsonl")]
+    summary = preprocess(both, str(prefix), tok.path, workers=2)
+    info = {
+        **counts,
+        "prefix": str(prefix),
+        "tokenizer": tok.path,
+        "vocab_size": load_tokenizer(tok.path).vocab_size,
+        "tokens": summary.tokens,
+    }
+    (root / "info.json").write_text(json.dumps(info, indent=2))
+    stamp.write_text(json.dumps(settings))
+    return info
+
+
+def _configs(cfg: QuickstartConfig, info: dict, seed: int) -> dict:
+    data = DataConfig(
+        paths=[info["prefix"]],
+        split=f"{info['train']},{info['valid']},0",
+        tokenizer=info["tokenizer"],
+        cache_dir=str(Path(cfg.output_dir) / "data/cache"),
+    )
+    vocab = info["vocab_size"]
+    teacher = dataclasses.replace(cfg.teacher, vocab_size=vocab, max_seq_length=cfg.seq_length)
+    student = dataclasses.replace(cfg.student, vocab_size=vocab, max_seq_length=cfg.seq_length)
+
+    def train(steps: int, val_every: int = cfg.val_every) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, micro_batch_size=cfg.micro_batch_size,
+            global_batch_size=cfg.global_batch_size, seq_length=cfg.seq_length,
+            val_every=val_every, val_batches=cfg.val_batches, log_every=10, seed=seed,
+        )  # fmt: skip
+
+    def optim(lr: float, steps: int) -> OptimConfig:
+        return OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(steps // 20, 1))
+
+    return dict(
+        data=data, teacher=teacher, student=student, train=train, optim=optim,
+        parallel=ParallelConfig(),
+    )  # fmt: skip
+
+
+MODELS = ("teacher", "kd_student", "baseline_student")
+
+
+def evaluate_models(
+    teacher: str,
+    checkpoints: Dict[str, str],
+    data: DataConfig,
+    train: TrainConfig,
+    output_file: str,
+) -> dict:
+    """`api.evaluate` of several checkpoints against one teacher in one launch (the torchrun
+    start-up is a large share of a CPU quickstart); writes {name: result} to `output_file`."""
+    from distill_llm import api, parallel
+
+    results = {
+        name: api.evaluate(teacher, path, data=data, train=train)
+        for name, path in checkpoints.items()
+    }
+    if parallel.is_main():
+        Path(output_file).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _curve(run_dir: Path) -> list:
+    from distill_llm.run_dir import read_metrics
+
+    return [[e["step"], e["val_lm_loss"]] for e in read_metrics(run_dir, "valid")]
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, color in (
+        ("kd_student", "KD student", "tab:blue"),
+        ("baseline_student", "baseline student (no teacher)", "tab:orange"),
+    ):
+        steps, losses = zip(*results[key]["curve"])
+        ax.plot(steps, losses, marker="o", ms=3, color=color, label=label)
+    ax.axhline(results["teacher"]["val_loss"], ls="--", color="gray", label="teacher")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation LM loss (nats/token)")
+    ax.set_title(
+        f"Student {results['kd_student']['params'] / 1e6:.2f}M params, "
+        f"teacher {results['teacher']['params'] / 1e6:.2f}M"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _first_reaching(curve: list, level: float):
+    return next((step for step, loss in curve if loss <= level), None)
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    """Every stage, then `results.json`, `loss_curves.png` and a printed table."""
+    import nemo_run as run
+
+    from distill_llm import api
+    from distill_llm.cli import JobFailed
+
+    out = Path(cfg.output_dir).resolve()
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    stage_s: dict = {}
+    t0 = time.perf_counter()
+    info = prepare_data(cfg)
+    stage_s["data"] = time.perf_counter() - t0
+    run.config.set_nemorun_home(str(out / "nemo_run"))
+    # torchrun is found on PATH; run as .venv/bin/python, the venv's bin may not be on it
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    executor = run.LocalExecutor(ntasks_per_node=cfg.devices, launcher="torchrun")
+    per_seed = []
+    for seed in cfg.seeds:
+        c = _configs(cfg, info, seed)
+        tag = f"seed{seed}"
+        teacher_dir = out / tag / "teacher"
+        teacher_settings = {
+            "model": dataclasses.asdict(c["teacher"]),
+            "steps": cfg.teacher_steps,
+            "lr": cfg.teacher_lr,
+            "data": info["tokens"],
+            "train": dataclasses.asdict(c["train"](cfg.teacher_steps, cfg.teacher_val_every)),
+        }
+        tasks = []
+        if (
+            _stamp_ok(teacher_dir / "quickstart.json", teacher_settings)
+            and (teacher_dir / "final/distill_llm.json").is_file()
+        ):
+            _say(f"{tag}: reusing the teacher in {teacher_dir}")
+        else:
+            import shutil
+
+            shutil.rmtree(teacher_dir, ignore_errors=True)
+            tasks.append(("teacher", run.Partial(
+                api.pretrain, model=c["teacher"], data=c["data"],
+                train=c["train"](cfg.teacher_steps, cfg.teacher_val_every),
+                optim=c["optim"](cfg.teacher_lr, cfg.teacher_steps),
+                parallel=c["parallel"], output_dir=str(teacher_dir),
+            )))  # fmt: skip
+        for name in ("kd_student", "baseline_student"):
+            import shutil
+
+            shutil.rmtree(out / tag / name, ignore_errors=True)
+        tasks.append(("kd_student", run.Partial(
+            api.distill, teacher=str(teacher_dir / "final"), student=c["student"],
+            kd=KDConfig(temperature=cfg.temperature, skip_lm_loss=True), data=c["data"],
+            train=c["train"](cfg.student_steps),
+            optim=c["optim"](cfg.student_lr, cfg.student_steps),
+            parallel=c["parallel"], output_dir=str(out / tag / "kd_student"),
+        )))  # fmt: skip
+        tasks.append(("baseline_student", run.Partial(
+            api.pretrain, model=c["student"], data=c["data"],
+            train=c["train"](cfg.student_steps),
+            optim=c["optim"](cfg.student_lr, cfg.student_steps),
+            parallel=c["parallel"], output_dir=str(out / tag / "baseline_student"),
+        )))  # fmt: skip
+        tasks.append(("evaluate", run.Partial(
+            evaluate_models, teacher=str(teacher_dir / "final"),
+            checkpoints={n: str(out / tag / n / "final") for n in MODELS}, data=c["data"],
+            train=c["train"](1), output_file=str(out / tag / "evaluation.json"),
+        )))  # fmt: skip
+        _say(f"{tag}: running {', '.join(n for n, _ in tasks)} (torchrun x {cfg.devices})")
+        started = time.time()
+        with run.Experiment(f"quickstart_{tag}", executor=executor, log_level="WARN") as exp:
+            for name, task in tasks:
+                exp.add(task, name=name, tail_logs=True)
+            exp.run(sequential=True)
+        for job in exp.jobs:
+            state = getattr(job.state, "name", str(job.state))
+            if state != "SUCCEEDED":
+                from distill_llm.cli import _log_tail
+
+                raise JobFailed(
+                    f"quickstart task {job.id} ended {state}\n{_log_tail(exp._exp_dir)}"
+                )
+        (teacher_dir / "quickstart.json").write_text(json.dumps(teacher_settings))
+        evals = json.loads((out / tag / "evaluation.json").read_text())
+        # Wall time per task (start-up included): tasks run one after another, so each ends
+        # when its last file is written and starts when the one before ended.
+        ends = {n: (out / tag / n / "final" / "distill_llm.json").stat().st_mtime for n, _ in tasks
+                if n != "evaluate"}  # fmt: skip
+        ends["evaluate"] = (out / tag / "evaluation.json").stat().st_mtime
+        previous = started
+        for name, _ in tasks:
+            stage_s[f"{tag}/{name}"] = round(ends[name] - previous, 1)
+            previous = ends[name]
+        for name in ("kd_student", "baseline_student"):
+            evals[name]["curve"] = _curve(out / tag / name)
+        per_seed.append({"seed": seed, **evals})
+    stage_s["total"] = round(time.perf_counter() - t0, 1)
+    stage_s["data"] = round(stage_s["data"], 1)
+
+    first = per_seed[0]
+    results = {
+        "teacher": first["teacher"],
+        "kd_student": first["kd_student"],
+        "baseline_student": first["baseline_student"],
+        "steps": cfg.student_steps,
+        "teacher_steps": cfg.teacher_steps,
+        "tokens": cfg.student_steps * cfg.global_batch_size * cfg.seq_length,
+        "seeds": per_seed,
+        "stage_seconds": stage_s,
+    }
+    base_final = first["baseline_student"]["val_loss"]
+    reached = _first_reaching(first["kd_student"]["curve"], base_final)
+    results["baseline_final_val_loss"] = base_final
+    results["kd_step_reaching_baseline_final"] = reached
+    results["speedup"] = (cfg.student_steps / reached) if reached else None
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "loss_curves.png")
+    print(format_table(results))
+    _say("wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in stage_s.items()))
+    _say(f"wrote {out / 'results.json'} and {out / 'loss_curves.png'}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [f"{'model':<18}{'params':>10}{'val loss':>10}{'ppl':>10}{'KL to teacher':>15}"]
+    for key in ("teacher", "kd_student", "baseline_student"):
+        r = results[key]
+        rows.append(
+            f"{key:<18}{r['params'] / 1e6:>9.2f}M{r['val_loss']:>10.4f}{r['val_ppl']:>10.2f}"
+            f"{r['kl_to_teacher']:>15.4f}"
+        )
+    if results.get("kd_step_reaching_baseline_final"):
+        rows.append(
+            f"KD student reached the baseline's final val loss "
+            f"({results['baseline_final_val_loss']:.4f}) at step "
+            f"{results['kd_step_reaching_baseline_final']} of {results['steps']} "
+            f"({results['speedup']:.2f}x fewer steps)"
+        )
+    else:
+        rows.append("KD student did not reach the baseline's final val loss")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill_llm.quickstart")
+    parser.add_argument("--output-dir", default="runs/quickstart")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    parser.add_argument("--small", action="store_true", help="test sizes, same code path")
+    args = parser.parse_args(argv)
+    cfg = small() if args.small else QuickstartConfig()
+    cfg = dataclasses.replace(cfg, output_dir=args.output_dir, seeds=args.seeds)
+    run_quickstart(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
