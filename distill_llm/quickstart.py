@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import sysconfig
 import time
@@ -141,8 +142,6 @@ def prepare_data(cfg: QuickstartConfig) -> dict:
         return info
     _say(f"data: reading ~{cfg.corpus_mb:g} MB of the standard library's source")
     if root.exists():
-        import shutil
-
         shutil.rmtree(root)
     counts = build_corpus(root / "corpus", cfg.corpus_mb, cfg.valid_fraction)
     _say(f"data: {counts['train']} train / {counts['valid']} valid files; training tokenizer")
@@ -257,7 +256,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     import nemo_run as run
 
     from distill_llm import api
-    from distill_llm.cli import JobFailed
+    from distill_llm.cli import JobFailed, _log_tail
 
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -288,8 +287,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         ):
             _say(f"{tag}: reusing the teacher in {teacher_dir}")
         else:
-            import shutil
-
             shutil.rmtree(teacher_dir, ignore_errors=True)
             tasks.append(("teacher", run.Partial(
                 api.pretrain, model=c["teacher"], data=c["data"],
@@ -298,8 +295,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                 parallel=c["parallel"], output_dir=str(teacher_dir),
             )))  # fmt: skip
         for name in ("kd_student", "baseline_student"):
-            import shutil
-
             shutil.rmtree(out / tag / name, ignore_errors=True)
         tasks.append(("kd_student", run.Partial(
             api.distill, teacher=str(teacher_dir / "final"), student=c["student"],
@@ -328,8 +323,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         for job in exp.jobs:
             state = getattr(job.state, "name", str(job.state))
             if state != "SUCCEEDED":
-                from distill_llm.cli import _log_tail
-
                 raise JobFailed(
                     f"quickstart task {job.id} ended {state}\n{_log_tail(exp._exp_dir)}"
                 )
