@@ -23,7 +23,7 @@ from typing import Optional
 import nemo_run as run
 
 from distill_llm.api import distill
-from distill_llm.recipes import data, models, training
+from distill_llm.recipes import models, training
 
 NAME = "llama31_8b_to_llama32_1b"
 
@@ -42,19 +42,8 @@ def recipe(
         teacher=teacher,
         student=models.llama32_1b(),
         student_checkpoint=student_checkpoint,
-        kd=training.kd_loss(temperature=1.0, skip_lm_loss=True),
-        data=data.blend(),
-        train=training.trainer(
-            steps=steps,
-            micro_batch_size=1,
-            global_batch_size=128,
-            seq_length=4096,
-            val_every=100,
-            save_every=100,
-        ),  # fmt: skip
-        optim=training.adamw_cosine(lr=1e-4, min_lr=1e-5, warmup_steps=50),
-        parallel=training.layout(tensor_parallel=2, precision="bf16"),
         output_dir=output_dir,
+        **training.gpu_kd_settings(steps),
     )
 
 

@@ -6,6 +6,7 @@ import nemo_run as run
 
 from distill_llm.kd import KDConfig
 from distill_llm.parallel import ParallelConfig
+from distill_llm.recipes import data
 from distill_llm.training import OptimConfig, TrainConfig
 
 
@@ -70,4 +71,24 @@ def layout(
         tensor_parallel=tensor_parallel,
         precision=precision,
         use_distributed_optimizer=distributed_optimizer,
+    )
+
+
+def gpu_kd_settings(steps: int) -> dict:
+    """What the published-model recipes share: logits KD at T=1 on the KD loss alone, data
+    from `data.paths`, 4096-token sequences, global batch 128, AdamW 1e-4 with cosine decay,
+    TP=2 in bf16 with the distributed optimizer (8 GPUs per node)."""
+    return dict(
+        kd=kd_loss(temperature=1.0, skip_lm_loss=True),
+        data=data.blend(),
+        train=trainer(
+            steps=steps,
+            micro_batch_size=1,
+            global_batch_size=128,
+            seq_length=4096,
+            val_every=100,
+            save_every=100,
+        ),  # fmt: skip
+        optim=adamw_cosine(lr=1e-4, min_lr=1e-5, warmup_steps=50),
+        parallel=layout(tensor_parallel=2, precision="bf16"),
     )
