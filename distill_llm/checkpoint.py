@@ -16,6 +16,7 @@ replaced atomically: a process killed mid-save leaves the previous checkpoint an
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -116,10 +117,29 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return target
 
 
+def _results_queue_without_spawn() -> None:
+    """Give megatron's torch_dist writer its results queue from a fork-started Manager.
+
+    On the first save the writer (`strategies/filesystem_async.py`) starts a multiprocessing
+    Manager with the `spawn` method, which re-imports the launching script: a script that calls
+    `distill()` without an `if __name__ == "__main__":` guard then runs itself again inside the
+    Manager and hangs (under torchrun the copy joins the rendezvous). A forked Manager is a plain
+    queue server that imports nothing and touches neither CUDA nor the process groups.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if (
+        filesystem_async._results_queue is None
+        and "fork" in multiprocessing.get_all_start_methods()
+    ):
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def _save_dir(sharded_state: dict, final_dir: Path, metadata: dict) -> None:
     """Write `sharded_state` to `final_dir` atomically (through `final_dir.tmp`)."""
     from megatron.core import dist_checkpointing
 
+    _results_queue_without_spawn()
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if parallel.is_main():
         if tmp.exists():

@@ -1,6 +1,11 @@
 """Distillation behaviour: the student learns, the teacher is untouched, final/ is student-only,
 and every bad input is refused up front with one line."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
@@ -224,3 +229,34 @@ def test_bf16_training_runs_and_tracks_fp32(tmp_path):
         assert b["lm_loss"] == pytest.approx(a["lm_loss"], abs=0.05)
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], rel=0.2)
         assert b["lm_loss"] != a["lm_loss"]  # it really ran in another precision
+
+
+def test_script_without_main_guard_saves_and_exits(tmp_path):
+    """A user script calling `pretrain` at top level, launched by torchrun, runs once and ends.
+
+    megatron's checkpoint writer starts a `spawn` Manager that re-imports the script; without
+    our fork-started queue the copy re-runs training and joins the rendezvous, and this hangs."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "print('SCRIPT-START', flush=True)\n"
+        "from distill_llm import ModelConfig, TrainConfig, pretrain\n"
+        f"pretrain(model=ModelConfig(**{STUDENT!r}), train=TrainConfig(**{train_cfg(steps=1)!r}),\n"
+        f"         output_dir={str(tmp_path / 'run')!r})\n"
+        "print('SCRIPT-END', flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    proc = subprocess.Popen(
+        [*cmd, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the workers it started
+        proc.communicate()
+        pytest.fail("an unguarded script hung at its first checkpoint save")
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("SCRIPT-START") == 1 and "SCRIPT-END" in out
+    assert (tmp_path / "run/final/distill_llm.json").is_file()
