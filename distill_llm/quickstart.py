@@ -45,7 +45,7 @@ class QuickstartConfig:
     output_dir: str = "runs/quickstart"
     corpus_mb: float = 6.0  # standard-library source read (MB), one document per file
     valid_fraction: float = 0.05  # share of files held out for validation
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     seq_length: int = 128
     teacher: ModelConfig = field(
         default_factory=lambda: ModelConfig(
@@ -55,11 +55,11 @@ class QuickstartConfig:
     )  # fmt: skip
     student: ModelConfig = field(
         default_factory=lambda: ModelConfig(
-            num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4,
+            num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
             num_query_groups=2,
         )
     )  # fmt: skip
-    teacher_steps: int = 300
+    teacher_steps: int = 400
     student_steps: int = 300  # the KD student and the baseline alike
     micro_batch_size: int = 8
     global_batch_size: int = 16
@@ -200,8 +200,8 @@ def evaluate_models(
     train: TrainConfig,
     output_file: str,
 ) -> dict:
-    """`api.evaluate` of several checkpoints against one teacher in one launch (the torchrun
-    start-up is a large share of a CPU quickstart); writes {name: result} to `output_file`."""
+    """`api.evaluate` of several checkpoints against one teacher, in one process; writes
+    {name: result} to `output_file`."""
     from distill_llm import api, parallel
 
     results = {
@@ -226,13 +226,22 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seeds = results.get("seeds") or [results]
     for key, label, color in (
         ("kd_student", "KD student", "tab:blue"),
         ("baseline_student", "baseline student (no teacher)", "tab:orange"),
     ):
-        steps, losses = zip(*results[key]["curve"])
-        ax.plot(steps, losses, marker="o", ms=3, color=color, label=label)
-    ax.axhline(results["teacher"]["val_loss"], ls="--", color="gray", label="teacher")
+        for i, run in enumerate(seeds):  # the first seed bold, any others faint
+            steps, losses = zip(*run[key]["curve"])
+            ax.plot(steps, losses, marker="o" if i == 0 else None, ms=3, color=color,
+                    alpha=1.0 if i == 0 else 0.45, label=label if i == 0 else None)  # fmt: skip
+    for i, run in enumerate(seeds):
+        ax.axhline(run["teacher"]["val_loss"], ls="--", color="gray", alpha=1.0 if i == 0 else 0.45,
+                   label="teacher" if i == 0 else None)  # fmt: skip
+    levels = [run["teacher"]["val_loss"] for run in seeds]
+    ax.set_ylim(bottom=min(levels) - 0.15)  # the teacher's line clear of the axis
+    if len(seeds) > 1:
+        ax.text(0.99, 0.6, f"{len(seeds)} seeds (first bold)", transform=ax.transAxes, ha="right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation LM loss (nats/token)")
     ax.set_title(
@@ -309,11 +318,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             optim=c["optim"](cfg.student_lr, cfg.student_steps),
             parallel=c["parallel"], output_dir=str(out / tag / "baseline_student"),
         )))  # fmt: skip
-        tasks.append(("evaluate", run.Partial(
-            evaluate_models, teacher=str(teacher_dir / "final"),
-            checkpoints={n: str(out / tag / n / "final") for n in MODELS}, data=c["data"],
-            train=c["train"](1), output_file=str(out / tag / "evaluation.json"),
-        )))  # fmt: skip
         _say(f"{tag}: running {', '.join(n for n, _ in tasks)} (torchrun x {cfg.devices})")
         started = time.time()
         with run.Experiment(f"quickstart_{tag}", executor=executor, log_level="WARN") as exp:
@@ -327,19 +331,30 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                     f"quickstart task {job.id} ended {state}\n{_log_tail(exp._exp_dir)}"
                 )
         (teacher_dir / "quickstart.json").write_text(json.dumps(teacher_settings))
-        evals = json.loads((out / tag / "evaluation.json").read_text())
         # Wall time per task (start-up included): tasks run one after another, so each ends
-        # when its last file is written and starts when the one before ended.
-        ends = {n: (out / tag / n / "final" / "distill_llm.json").stat().st_mtime for n, _ in tasks
-                if n != "evaluate"}  # fmt: skip
-        ends["evaluate"] = (out / tag / "evaluation.json").stat().st_mtime
+        # when its final checkpoint is written and starts when the one before ended.
         previous = started
         for name, _ in tasks:
-            stage_s[f"{tag}/{name}"] = round(ends[name] - previous, 1)
-            previous = ends[name]
+            end = (out / tag / name / "final" / "distill_llm.json").stat().st_mtime
+            stage_s[f"{tag}/{name}"] = round(end - previous, 1)
+            previous = end
+        # In this process: a third torchrun launch would cost more than the evaluation itself.
+        _say(f"{tag}: evaluating the teacher and both students on the validation split")
+        t_eval = time.perf_counter()
+        evals = evaluate_models(
+            str(teacher_dir / "final"), {n: str(out / tag / n / "final") for n in MODELS},
+            data=c["data"], train=c["train"](1), output_file=str(out / tag / "evaluation.json"),
+        )  # fmt: skip
+        stage_s[f"{tag}/evaluate"] = round(time.perf_counter() - t_eval, 1)
         for name in ("kd_student", "baseline_student"):
             evals[name]["curve"] = _curve(out / tag / name)
-        per_seed.append({"seed": seed, **evals})
+        base_final = evals["baseline_student"]["val_loss"]
+        reached = _first_reaching(evals["kd_student"]["curve"], base_final)
+        per_seed.append({
+            "seed": seed, **evals, "baseline_final_val_loss": base_final,
+            "kd_step_reaching_baseline_final": reached,
+            "speedup": (cfg.student_steps / reached) if reached else None,
+        })  # fmt: skip
     stage_s["total"] = round(time.perf_counter() - t0, 1)
     stage_s["data"] = round(stage_s["data"], 1)
 
@@ -354,11 +369,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "seeds": per_seed,
         "stage_seconds": stage_s,
     }
-    base_final = first["baseline_student"]["val_loss"]
-    reached = _first_reaching(first["kd_student"]["curve"], base_final)
-    results["baseline_final_val_loss"] = base_final
-    results["kd_step_reaching_baseline_final"] = reached
-    results["speedup"] = (cfg.student_steps / reached) if reached else None
+    for key in ("baseline_final_val_loss", "kd_step_reaching_baseline_final", "speedup"):
+        results[key] = first[key]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(results, out / "loss_curves.png")
     print(format_table(results))
@@ -371,9 +383,11 @@ def format_table(results: dict) -> str:
     rows = [f"{'model':<18}{'params':>10}{'val loss':>10}{'ppl':>10}{'KL to teacher':>15}"]
     for key in ("teacher", "kd_student", "baseline_student"):
         r = results[key]
+        kl = r["kl_to_teacher"]
+        kl = 0.0 if abs(kl) < 1e-6 else kl  # the teacher's own KL rounds to +-1e-9
         rows.append(
             f"{key:<18}{r['params'] / 1e6:>9.2f}M{r['val_loss']:>10.4f}{r['val_ppl']:>10.2f}"
-            f"{r['kl_to_teacher']:>15.4f}"
+            f"{kl:>15.4f}"
         )
     if results.get("kd_step_reaching_baseline_final"):
         rows.append(
@@ -384,6 +398,16 @@ def format_table(results: dict) -> str:
         )
     else:
         rows.append("KD student did not reach the baseline's final val loss")
+    if len(results.get("seeds", [])) > 1:
+        rows.append(
+            f"{'seed':<8}{'teacher':>10}{'KD student':>12}{'baseline':>10}{'KD reached at':>15}"
+        )
+        for r in results["seeds"]:
+            rows.append(
+                f"{r['seed']:<8}{r['teacher']['val_loss']:>10.4f}{r['kd_student']['val_loss']:>12.4f}"
+                f"{r['baseline_student']['val_loss']:>10.4f}"
+                f"{str(r['kd_step_reaching_baseline_final'] or 'never'):>15}"
+            )
     return "\n".join(rows)
 
 
