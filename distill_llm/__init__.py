@@ -13,6 +13,16 @@ from distill_llm.training import OptimConfig, TrainConfig
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # import_hf / export_hf load on first use, so `python -m distill_llm.hf` runs cleanly
+    if name in ("import_hf", "export_hf"):
+        from distill_llm import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'distill_llm' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -24,6 +34,8 @@ __all__ = [
     "default_student",
     "distill",
     "evaluate",
+    "export_hf",
+    "import_hf",
     "init_model",
     "pretrain",
 ]

@@ -15,6 +15,7 @@ from distill_llm import checkpoint
 from distill_llm import kd as kd_lib
 from distill_llm import parallel as dist
 from distill_llm.data import BatchPlan, DataConfig, DataModule
+from distill_llm.errors import ConfigError
 from distill_llm.kd import KDConfig
 from distill_llm.model import ModelConfig, build_gpt
 from distill_llm.parallel import ParallelConfig
@@ -63,6 +64,39 @@ def _fit(model, model_cfg, data, source, train, optim, parallel, run_path, dp_si
     return trainer.fit()
 
 
+def _export_plan(target, model_cfg, sources, data, protected) -> Optional[dict]:
+    """Checks for `export_hf` made before training; what `_export` needs afterwards."""
+    if not target:
+        return None
+    from distill_llm import hf as hf_lib
+
+    for p in protected + [s for s in sources if s]:
+        if Path(target).resolve() == Path(p).resolve():
+            raise ConfigError(
+                f"export_hf {target!r} is an input of this run; choose a new directory"
+            )
+    tokenizer = data.tokenizer if data.tokenizer and Path(data.tokenizer).is_dir() else None
+    family, dtype, tokenizer = hf_lib.export_settings(sources, tokenizer)
+    hf_lib.check_exportable(model_cfg, hf_lib.family_for(model_cfg, family))
+    return {"dir": target, "family": family, "dtype": dtype, "tokenizer": tokenizer}
+
+
+def _export(plan: Optional[dict], summary: dict, model_cfg, parallel) -> dict:
+    """Write the final model (reloaded from `final/`, TP shards gathered) as an HF directory."""
+    if plan is None:
+        return summary
+    from distill_llm import hf as hf_lib
+
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    gpt = build_gpt(model_cfg, tensor_parallel=tp, pipeline_parallel=pp)
+    checkpoint.load_model(summary["final"], gpt, model_cfg, role="final")
+    hf_lib.export_model(gpt, model_cfg, plan["dir"], family=plan["family"], dtype=plan["dtype"],
+                        tokenizer=plan["tokenizer"])  # fmt: skip
+    if dist.is_main():
+        print(f"exported the final model to {plan['dir']} (Hugging Face)", flush=True)
+    return {**summary, "export_hf": plan["dir"]}
+
+
 def _check_common(train, optim, parallel_cfg) -> int:
     """Check the settings every entry point shares; returns the data-parallel size."""
     train.validate()
@@ -82,6 +116,7 @@ def distill(
     optim: Optional[OptimConfig] = None,
     parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/distill",
+    export_hf: Optional[str] = None,
 ) -> dict:
     """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
 
@@ -107,8 +142,9 @@ def distill(
             else default_student(teacher_cfg)
         )
     elif student_checkpoint:
-        checkpoint.read_metadata(student_checkpoint)
+        checkpoint.model_config_of(student_checkpoint)  # exists and is readable
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    export = _export_plan(export_hf, student, [student_checkpoint, teacher], data, [teacher])
     kd_lib.check_compatible(
         student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
     )
@@ -143,7 +179,8 @@ def distill(
     )
     checkpoint.load_model(teacher, teacher_model, teacher_cfg, role="teacher")
     model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
-    return _fit(model, student, data, source, train, optim, parallel, run_path, dp_size)
+    summary = _fit(model, student, data, source, train, optim, parallel, run_path, dp_size)
+    return _export(export, summary, student, parallel)
 
 
 def pretrain(
@@ -154,6 +191,7 @@ def pretrain(
     optim: Optional[OptimConfig] = None,
     parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/pretrain",
+    export_hf: Optional[str] = None,
 ) -> dict:
     """Train a GPT on its own language-model loss (teachers, same-budget baselines).
 
@@ -165,8 +203,9 @@ def pretrain(
     if model is None:
         model = checkpoint.model_config_of(init_checkpoint) if init_checkpoint else ModelConfig()
     elif init_checkpoint:
-        checkpoint.read_metadata(init_checkpoint)
+        checkpoint.model_config_of(init_checkpoint)  # exists and is readable
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    export = _export_plan(export_hf, model, [init_checkpoint], data, [])
     model.validate(tp, pp, role="model")
     kd_lib.check_seq_length(model, train.seq_length, "model")
     source = data.resolve({"model": model.vocab_size}, train.seq_length)
@@ -190,7 +229,8 @@ def pretrain(
     )
     if init_checkpoint:
         checkpoint.load_model(init_checkpoint, gpt, model, role="model")
-    return _fit(gpt, model, data, source, train, optim, parallel, run_path, dp_size)
+    summary = _fit(gpt, model, data, source, train, optim, parallel, run_path, dp_size)
+    return _export(export, summary, model, parallel)
 
 
 def init_model(

@@ -73,8 +73,19 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
+def _is_hf(path: str | Path) -> bool:
+    from distill_llm import hf
+
+    return hf.is_hf_dir(path) and not (Path(path) / META_FILE).is_file()
+
+
 def model_config_of(path: str | Path) -> ModelConfig:
-    """The architecture stored with a checkpoint."""
+    """The architecture stored with a checkpoint, or derived from a Hugging Face directory's
+    config.json (whose weights are then checked against it)."""
+    if _is_hf(path):
+        from distill_llm import hf
+
+        return hf.checked_config(path)
     return ModelConfig.from_dict(read_metadata(path)["model"])
 
 
@@ -263,7 +274,8 @@ def save_model(path: str | Path, module, model_cfg: ModelConfig, **extra) -> Pat
 
 
 def load_model(path: str | Path, module, model_cfg: ModelConfig, role: str) -> None:
-    """Load weights saved by `save_model` (any TP size) into `module`, checking the architecture."""
+    """Load weights saved by `save_model` (any TP size), or a Hugging Face directory's, into
+    `module`, checking the architecture."""
     from megatron.core import dist_checkpointing
 
     stored = model_config_of(path)
@@ -278,6 +290,11 @@ def load_model(path: str | Path, module, model_cfg: ModelConfig, role: str) -> N
             f"(field: (checkpoint, config)) {diff}; leave the {role} config unset to use the "
             "checkpoint's own"
         )
+    if _is_hf(path):  # converted on the fly, each rank its own shard
+        from distill_llm import hf
+
+        hf.load_hf_weights(module, model_cfg, path)
+        return
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
         module.load_state_dict(loaded["model"])

@@ -21,7 +21,7 @@ import nemo_run as run
 from nemo_run.cli.api import RunContext
 
 # Registering the factories is importing them.
-from distill_llm import api, executors  # noqa: F401
+from distill_llm import api, executors, hf  # noqa: F401
 from distill_llm import preprocess as preprocess_mod
 from distill_llm.errors import ConfigError
 from distill_llm.recipes import (  # noqa: F401
@@ -241,3 +241,5 @@ distill = _register(api.distill, "Distil a student from a frozen teacher checkpo
 pretrain = _register(api.pretrain, "Train a GPT on its own LM loss (teachers, baselines).")
 evaluate = _register(api.evaluate, "Held-out LM loss, perplexity and KL to the teacher.")
 preprocess = _register(preprocess_mod.preprocess, "Tokenize text into a .bin/.idx dataset.")
+import_hf = _register(hf.import_hf, "Convert a Hugging Face model directory to a checkpoint.")
+export_hf = _register(hf.export_hf, "Write a checkpoint as a Hugging Face model directory.")

@@ -35,6 +35,7 @@ class ModelConfig:
     activation: Activation = "swiglu"
     add_bias_linear: bool = False  # biases on every linear layer
     add_qkv_bias: bool = False  # bias on the QKV projection only (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm of each query / key head before RoPE (Qwen3)
     tie_embeddings: bool = False  # output layer shares the input embedding
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -66,7 +67,8 @@ class ModelConfig:
         gated = 2 if self.activation == "swiglu" else 1
         mlp = h * f * gated + f * h + ((f * gated + h) if bias else 0)
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
-        per_layer = attn + mlp + 2 * norm
+        qk_norm = 2 * self.head_dim if self.qk_layernorm else 0
+        per_layer = attn + mlp + 2 * norm + qk_norm
         embed = v * h + (self.max_seq_length * h if self.position_embedding != "rope" else 0)
         output = 0 if self.tie_embeddings else v * h
         return self.num_layers * per_layer + embed + output + norm
@@ -153,6 +155,7 @@ def transformer_config(
         gated_linear_unit=gated,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         init_method_std=cfg.init_method_std,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
@@ -184,10 +187,14 @@ def layer_spec(cfg: ModelConfig):
         try:
             import transformer_engine  # noqa: F401
 
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+                qk_layernorm=cfg.qk_layernorm
+            )
         except ImportError:
             pass
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm
+    )
 
 
 def build_gpt(
