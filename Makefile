@@ -44,6 +44,7 @@ docs-plot: quickstart
 bench: setup
 	$(PY) bench/step_time.py
 	$(PY) bench/preprocess.py
+	$(PY) bench/hf_convert.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
