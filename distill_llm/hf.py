@@ -29,7 +29,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from distill_llm.errors import ConfigError
+from distill_llm.errors import ConfigError, cli_status
 from distill_llm.model import ModelConfig
 
 SUPPORTED = {
@@ -715,7 +715,7 @@ def export_hf(
     dtype: Optional[str] = None,
     family: Optional[str] = None,
 ) -> str:
-    """Write the engine checkpoint at `checkpoint_dir` as an HF directory loadable by
+    """Write the engine checkpoint at `checkpoint` as an HF directory loadable by
     `transformers.AutoModelForCausalLM`. The family and dtype default to those the checkpoint
     was imported from (else llama / qwen2 / qwen3 as the architecture implies, float32);
     the tokenizer files come from `tokenizer` or, for an imported checkpoint, its source."""
@@ -759,15 +759,11 @@ def main(argv=None) -> int:
     exp.add_argument("--dtype", choices=sorted(_DTYPES))
     exp.add_argument("--family", choices=sorted(_CLASS_OF))
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "import":
-            import_hf(args.hf_path, args.output_dir, args.tensor_parallel)
-        else:
-            export_hf(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.family)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.cmd == "import":
+        return cli_status(lambda: import_hf(args.hf_path, args.output_dir, args.tensor_parallel))
+    return cli_status(
+        lambda: export_hf(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.family)
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import List, Union
 
 import numpy as np
 
-from distill_llm.errors import ConfigError
+from distill_llm.errors import ConfigError, cli_status
 from distill_llm.tokenizer import Tokenizer, load_tokenizer
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # megatron-core warns at import that TE/Apex are absent; irrelevant to tokenizing
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    try:
-        preprocess(
+    return cli_status(
+        lambda: preprocess(
             args.input,
             args.output_prefix,
             args.tokenizer,
@@ -392,10 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    )
 
 
 if __name__ == "__main__":

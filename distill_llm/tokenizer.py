@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from distill_llm.errors import ConfigError
+from distill_llm.errors import ConfigError, cli_status
 
 HF_FILE = "tokenizer.json"
 SP_FILE = "tokenizer.model"
@@ -269,7 +269,6 @@ def train_bpe_tokenizer(
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m distill_llm.tokenizer",
@@ -280,13 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
     args = parser.parse_args(argv)
-    try:
+
+    def train() -> None:
         tok = train_bpe_tokenizer(args.input, args.output_dir, args.vocab_size, args.text_key)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {tok.path}: {tok.vocab_size} tokens, end-of-document id {tok.eod}")
-    return 0
+        print(f"wrote {tok.path}: {tok.vocab_size} tokens, end-of-document id {tok.eod}")
+
+    return cli_status(train)
 
 
 if __name__ == "__main__":
