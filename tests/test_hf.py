@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from distill_llm import hf  # noqa: E402
 from distill_llm.errors import ConfigError  # noqa: E402
+from distill_llm.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 BASE = dict(
     hidden_size=64,
@@ -130,6 +131,21 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(converted, family)
     assert (d / "export/generation_config.json").is_file()
 
 
+def test_sharded_export_reads_back(converted, tmp_path):
+    """Past max_shard_bytes the export writes numbered shards and an index that transformers
+    and our importer's checks both read."""
+    d = converted / "llama"
+    tensors = load_file(d / "export/model.safetensors")
+    config = json.loads((d / "export/config.json").read_text())
+    out = hf.write_hf_dir(tensors, config, tmp_path / "sharded", max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((out / f).is_file() for f in files)
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert hf.checked_config(out) == hf.checked_config(d / "hf")
+    assert torch.equal(_hf_logits(out), _hf_logits(d / "hf"))
+
+
 def test_distill_from_hf_directories_ends_with_hf_export(tmp_path):
     """Teacher and student given as HF directories (converted on the fly, TP=2), the trained
     student exported to HF at the end and loaded by transformers."""
@@ -212,13 +228,21 @@ def test_cli_import_and_export(llama_dir, tmp_path):
     env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "home"), PYTHONWARNINGS="ignore",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip
     nemo = [str(Path(sys.executable).parent / "nemo"), "distill_llm"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i} about tokens" for i in range(200)))
+    tok = train_bpe_tokenizer(str(corpus), str(tmp_path / "tok"), vocab_size=300)
     for args in (
         ["import_hf", f"hf_path={llama_dir}", f"output_dir={tmp_path / 'ckpt'}", "--yes"],
-        ["export_hf", f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'out'}", "--yes"],
-    ):
+        ["export_hf", f"checkpoint={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'out'}",
+         f"tokenizer={tmp_path / 'tok'}", "--yes"],
+    ):  # fmt: skip
         proc = subprocess.run([*nemo, *args], capture_output=True, text=True, cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert torch.equal(_hf_logits(tmp_path / "out"), _hf_logits(llama_dir))
+    # the tokenizer travels with the model, its end-of-document id in the generation config
+    assert (tmp_path / "out/tokenizer.json").is_file()
+    generation = json.loads((tmp_path / "out/generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.eod
 
     proc = subprocess.run(
         [sys.executable, "-m", "distill_llm.hf", "import", str(tmp_path / "none"),
