@@ -3,10 +3,11 @@ student+teacher wrapper and the masked, TP/DP-correct loss reduction."""
 
 from dataclasses import dataclass, field
 from types import MethodType
-from typing import List
+from typing import List, Optional
 
 import torch
 
+from distill_llm import losses
 from distill_llm.errors import ConfigError
 from distill_llm.model import ModelConfig
 
@@ -17,12 +18,21 @@ INTERMEDIATE_LOSSES = ("cosine", "mse")
 class KDConfig:
     """What the student learns from the teacher.
 
-    The logits loss is ModelOpt's forward KL, KL(p_teacher || p_student), with both logits divided
-    by `temperature` first and NOT multiplied by T^2 afterwards (ModelOpt's convention).
+    The logits loss is `kind` (forward_kl = KL(p_teacher || p_student), reverse_kl, jsd with
+    `beta`, tvd; formulas in distill_llm.losses) between both models' logits divided by
+    `temperature`, multiplied by T^2 when `temperature_squared` (Hinton et al.; ModelOpt's own
+    LogitsKLLoss, used by NeMo, does not), computed over the vocabulary-parallel logits.
     """
 
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd
     temperature: float = 1.0  # softens both distributions; 1.0 = the models' own
+    temperature_squared: bool = True  # multiply the logits loss by T^2
+    beta: float = 0.5  # jsd's mixture weight of the teacher, 0 < beta < 1
     skip_lm_loss: bool = True  # train on the KD loss alone (the LM loss is still logged)
+    # Static mixing: total = (1 - alpha) LM + alpha (logits KD + intermediate_weight x the
+    # intermediate losses). None keeps ModelOpt's dynamic balancer (skip_lm_loss, kd_loss_scale).
+    alpha: Optional[float] = None
+    intermediate_weight: float = 1.0
     kd_loss_scale: float = 1.0  # with skip_lm_loss=False: KD weight after ModelOpt rescales it
     # to the LM loss's magnitude, so total = LM + kd_loss_scale x LM-sized KD
     intermediate_pairs: List[List[str]] = field(
@@ -33,6 +43,12 @@ class KDConfig:
     def validate(self) -> None:
         if not self.temperature > 0:
             raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
+        try:
+            losses.check_settings(self.kind, self.temperature, self.beta)
+        except ConfigError as err:
+            raise ConfigError(f"kd: {err}") from None
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"kd.alpha must be in [0, 1] (or None), got {self.alpha}")
         if not self.kd_loss_scale > 0:
             raise ConfigError(f"kd.kd_loss_scale must be > 0, got {self.kd_loss_scale}")
         for pair in self.intermediate_pairs:
@@ -116,13 +132,19 @@ def build_distillation_model(student, teacher, kd: KDConfig):
                     f"kd.intermediate_pairs: the {role} has no module {name!r}; use a name from "
                     f"its named_modules(), e.g. 'decoder.final_layernorm'"
                 ) from None
+    skip_lm_loss = kd.skip_lm_loss if kd.alpha is None else kd.alpha == 1.0
     cfg = mtd_mcore.DistillationConfig(
         intermediate_layer_pairs=pairs,
-        skip_lm_loss=kd.skip_lm_loss,
+        skip_lm_loss=skip_lm_loss,
         kd_loss_scale=kd.kd_loss_scale,
         logit_kl_temperature=kd.temperature,
     )
     cfg = mtd_mcore.setup_distillation_config(cfg, student.config, teacher.config)
+    logits_key = tuple(cfg.logit_layers)
+    if logits_key in cfg.criterion:  # the last pipeline stage: our loss kinds replace ModelOpt's
+        cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd)
+    if kd.alpha is not None:
+        cfg.loss_balancer = _static_mix(kd.alpha, kd.intermediate_weight)
     teacher.eval()
     teacher.requires_grad_(False)
     model = mtd.convert(
@@ -139,8 +161,50 @@ def build_distillation_model(student, teacher, kd: KDConfig):
         ],
     )
     mtd_mcore.adjust_distillation_model_for_mcore(model, cfg)
-    model.compute_language_model_loss = MethodType(_guarded_lm_loss(kd.skip_lm_loss), model)
+    model.compute_language_model_loss = MethodType(_guarded_lm_loss(skip_lm_loss), model)
     return model
+
+
+def _logits_kd_loss(config, kd: KDConfig):
+    """A ModelOpt Megatron criterion computing `kd.kind` over vocabulary-parallel logits."""
+    from megatron.core import parallel_state
+    from modelopt.torch.distill.plugins.megatron import BaseLoss
+
+    class LogitsKDLoss(BaseLoss):  # "Logits" in the name: ModelOpt's balancer looks for it
+        """[s, b, vocab/TP] student and teacher logits -> per-token loss [b, s], this rank's
+        part of the vocabulary sum (kd_loss_terms adds the parts across the TP group)."""
+
+        def forward(self, predictions, targets):
+            predictions, targets = self.pre_forward(predictions, targets)
+            group = None
+            if parallel_state.get_tensor_model_parallel_world_size() > 1:
+                group = parallel_state.get_tensor_model_parallel_group()
+            per_token = losses.per_position(
+                kd.kind, predictions, targets, kd.temperature, kd.beta, group
+            )
+            if kd.temperature_squared:
+                per_token = per_token * kd.temperature**2
+            return self.post_forward(per_token, tp_reduce=True)
+
+    return LogitsKDLoss(config)
+
+
+def _static_mix(alpha: float, intermediate_weight: float):
+    """A ModelOpt loss balancer: (1 - alpha) LM + alpha (logits + weight x intermediate)."""
+    import modelopt.torch.distill as mtd
+
+    class StaticMix(mtd.DistillationLossBalancer):
+        def forward(self, loss_dict):
+            lm = loss_dict.pop(mtd.loss_balancers.STUDENT_LOSS_KEY)
+            logits = loss_dict.pop(next(k for k in loss_dict if "Logits" in k))
+            intermediate = sum(loss_dict.values()) / max(len(loss_dict), 1)
+            if not torch.is_tensor(intermediate):
+                intermediate = logits.new_tensor(float(intermediate))
+            kd_total = logits + intermediate_weight * intermediate
+            total = kd_total if alpha == 1.0 else (1 - alpha) * lm + alpha * kd_total
+            return {"kd_loss": total, "logits_loss": logits, "intermediate_loss": intermediate}
+
+    return StaticMix()
 
 
 def masked_sum(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

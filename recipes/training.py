@@ -16,15 +16,27 @@ def kd_loss(
     skip_lm_loss: bool = True,
     kd_loss_scale: float = 1.0,
     intermediate_pairs: Optional[List[List[str]]] = None,
+    kind: str = "forward_kl",
+    temperature_squared: bool = True,
+    beta: float = 0.5,
+    alpha: Optional[float] = None,
+    intermediate_weight: float = 1.0,
 ) -> run.Config[KDConfig]:
-    """Logits KD (forward KL at `temperature`), alone or with the student's LM loss
-    (`skip_lm_loss=False`, weighted by `kd_loss_scale`), plus optional intermediate pairs."""
+    """Logits KD (`kind`: forward_kl, reverse_kl, jsd with `beta`, tvd; at `temperature`, times
+    T^2 unless `temperature_squared=False`), alone or with the student's LM loss: statically,
+    (1 - alpha) LM + alpha KD, or with ModelOpt's dynamic balancer (`alpha=None`,
+    `skip_lm_loss=False`, weighted by `kd_loss_scale`); plus optional intermediate pairs."""
     return run.Config(
         KDConfig,
+        kind=kind,
         temperature=temperature,
+        temperature_squared=temperature_squared,
+        beta=beta,
         skip_lm_loss=skip_lm_loss,
+        alpha=alpha,
         kd_loss_scale=kd_loss_scale,
         intermediate_pairs=list(intermediate_pairs or []),
+        intermediate_weight=intermediate_weight,
     )
 
 

@@ -108,6 +108,8 @@ def test_dryrun_of_every_recipe(git_repo, tmp_path):
             "--factory",
             "tiny",
             "kd.temperature=2.5",
+            "kd.kind=jsd",
+            "kd.alpha=0.5",
             "--to-yaml",
             str(tmp_path / "t.yaml"),
         ],
@@ -117,6 +119,7 @@ def test_dryrun_of_every_recipe(git_repo, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "t.yaml").read_text()
     assert "temperature: 2.5" in text and "num_layers: 2" in text and "_target_" in text
+    assert "kind: jsd" in text and "alpha: 0.5" in text
 
 
 def test_sbatch_script_for_two_nodes_of_eight_gpus(git_repo, tmp_path):

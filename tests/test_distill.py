@@ -202,6 +202,12 @@ def test_missing_checkpoint_directory_is_refused(teacher_dir, tmp_path):
 def test_bad_kd_and_batch_settings_are_refused(teacher_dir, tmp_path):
     msg = _error(teacher=teacher_dir, kd=KDConfig(temperature=0.0), output_dir=str(tmp_path / "r"))
     assert "kd.temperature must be > 0" in msg
+    for kd, expected in (
+        (KDConfig(kind="kl"), "kd: KD loss kind 'kl' is unknown; choose one of forward_kl"),
+        (KDConfig(kind="jsd", beta=0.0), "kd: jsd needs 0 < beta < 1, got 0.0"),
+        (KDConfig(alpha=1.5), "kd.alpha must be in [0, 1] (or None), got 1.5"),
+    ):
+        assert expected in _error(teacher=teacher_dir, kd=kd, output_dir=str(tmp_path / "r"))
     msg = _error(
         teacher=teacher_dir,
         train=TrainConfig(micro_batch_size=3, global_batch_size=8),

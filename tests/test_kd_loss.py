@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import STUDENT, TEACHER
+from test_losses import reference
 
 from distill_llm import kd, parallel
+from distill_llm.losses import KINDS
 from distill_llm.model import ModelConfig, build_gpt
 
 
@@ -24,14 +26,12 @@ def _batch(b=3, s=24, vocab=1000):
     return tokens, labels, mask, positions
 
 
-def _independent(s_logits, t_logits, labels, mask, temperature):
-    """KL(p_t || p_s) at temperature T and the student's CE, both means over mask==1."""
-    log_ps = F.log_softmax(s_logits.double() / temperature, dim=-1)
-    log_pt = F.log_softmax(t_logits.double() / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+def _independent(s_logits, t_logits, labels, mask, temperature, kind="forward_kl"):
+    """The KD loss (`kind` at temperature T, times T^2) and the student's CE, both means over
+    mask==1, computed in float64 by tests/test_losses.py's reference."""
+    kd_value = reference(kind, s_logits, t_logits, temperature=temperature, mask=mask)
     ce = F.cross_entropy(s_logits.double().flatten(0, 1), labels.flatten(), reduction="none")
-    n = mask.sum()
-    return (kl * mask).sum() / n, (ce.view_as(mask) * mask).sum() / n
+    return kd_value, (ce.view_as(mask) * mask).sum() / mask.sum()
 
 
 def _models(seed=21):
@@ -44,19 +44,20 @@ def _models(seed=21):
 @pytest.mark.parametrize("skip_lm_loss", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature):
+@pytest.mark.parametrize("kind", KINDS)
+def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind):
     tokens, labels, mask, pos = _batch()
     student, teacher = _models()
     with torch.no_grad():
         t_logits = teacher(tokens, pos, None)
     s_logits = student(tokens, pos, None)
-    want_kd, want_ce = _independent(s_logits, t_logits, labels, mask, temperature)
+    want_kd, want_ce = _independent(s_logits, t_logits, labels, mask, temperature, kind)
     want_kd.backward()
     want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
 
     model = kd.build_distillation_model(
-        student, teacher, kd.KDConfig(skip_lm_loss=skip_lm_loss, temperature=temperature)
+        student, teacher, kd.KDConfig(skip_lm_loss=skip_lm_loss, temperature=temperature, kind=kind)
     )
     model.train(training)
     per_token = model(tokens, pos, None, labels=labels)
@@ -75,6 +76,31 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature):
         for name, param in model.named_parameters():
             if param.requires_grad and name in want_grads:
                 torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_static_mixing_weights_lm_and_kd(alpha):
+    """total = (1 - alpha) LM + alpha KD, in value and in the student's gradients."""
+    tokens, labels, mask, pos = _batch()
+    student, teacher = _models()
+    with torch.no_grad():
+        t_logits = teacher(tokens, pos, None)
+    want_kd, want_ce = _independent(student(tokens, pos, None), t_logits, labels, mask, 2.0)
+    ((1 - alpha) * want_ce + alpha * want_kd).backward()
+    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    model = kd.build_distillation_model(student, teacher, kd.KDConfig(alpha=alpha, temperature=2.0))
+    model.train()
+    per_token = model(tokens, pos, None, labels=labels)
+    lm_sum = kd.masked_sum(per_token, mask)
+    terms = kd.kd_loss_terms(model, lm_sum, mask)
+    n = mask.sum()
+    want_total = (1 - alpha) * want_ce + alpha * want_kd
+    torch.testing.assert_close(terms["total"].double() / n, want_total, rtol=0, atol=1e-5)
+    (terms["total"] / n).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in want_grads:
+            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():

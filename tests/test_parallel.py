@@ -20,18 +20,22 @@ def runs(tmp_path_factory):
         kd=dict(skip_lm_loss=False, temperature=2.0),
         train=train_cfg(steps=4, val_every=2),
     )
+    # another loss kind through the same vocabulary-parallel path
+    jsd = dict(common, kd=dict(skip_lm_loss=True, kind="jsd", beta=0.3, temperature=2.0))
     run_worker(
         tmp,
         [
             dict(op="init_model", model=TEACHER, output_dir=teacher, seed=11),
             dict(common, output_dir=str(tmp / "tp1")),
             dict(op="logits", checkpoint=str(tmp / "tp1/final"), out=str(tmp / "tp1_at_tp1.pt")),
+            dict(jsd, output_dir=str(tmp / "tp1_jsd")),
         ],
     )
     run_worker(
         tmp,
         [
             dict(common, output_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
+            dict(jsd, output_dir=str(tmp / "tp2_jsd"), parallel=dict(tensor_parallel=2)),
             dict(
                 op="logits",
                 checkpoint=str(tmp / "tp2/final"),
@@ -65,15 +69,15 @@ TRAIN_KEYS = ["step", "lm_loss", "kd_loss", "grad_norm"]
 VALID_KEYS = ["step", "val_lm_loss", "val_kd_loss"]
 
 
-@pytest.mark.parametrize("other", ["tp2", "dp2"])
-def test_losses_match_single_process(runs, other):
+@pytest.mark.parametrize("other, base", [("tp2", "tp1"), ("dp2", "tp1"), ("tp2_jsd", "tp1_jsd")])
+def test_losses_match_single_process(runs, other, base):
     for kind, keys in (("train", TRAIN_KEYS), ("valid", VALID_KEYS)):
-        ref = torch.tensor(_series(runs / "tp1", kind, keys), dtype=torch.float64)
+        ref = torch.tensor(_series(runs / base, kind, keys), dtype=torch.float64)
         got = torch.tensor(_series(runs / other, kind, keys), dtype=torch.float64)
         assert ref.shape == got.shape and ref.shape[0] >= (4 if kind == "train" else 2)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     # The losses moved: equality is not the trivial kind.
-    kd = [e["kd_loss"] for e in read_metrics(runs / "tp1", "train")]
+    kd = [e["kd_loss"] for e in read_metrics(runs / base, "train")]
     assert kd[-1] < kd[0]
 
 
