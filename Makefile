@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/step_time.py
 	$(PY) bench/preprocess.py
 	$(PY) bench/hf_convert.py
+	$(PY) bench/kd_loss_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
