@@ -148,6 +148,9 @@ def distill(
     kd_lib.check_compatible(
         student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
     )
+    kd_lib.check_same_tokenizer(
+        {"teacher": teacher, "student": student_checkpoint, "data.tokenizer": data.tokenizer}
+    )
     vocab = {"teacher": teacher_cfg.vocab_size, "student": student.vocab_size}
     source = data.resolve(vocab, train.seq_length)
 

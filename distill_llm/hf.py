@@ -626,7 +626,7 @@ def export_settings(
             info = checkpoint.read_metadata(p).get(HF_META_KEY) or {}
         if family is None and info.get("family"):
             family, dtype = info["family"], _DTYPES[info["dtype"]]
-        if tok is None and info.get("source") and _tokenizer_dir(Path(info["source"])):
+        if tok is None and info.get("source") and find_tokenizer_dir(Path(info["source"])):
             tok = info["source"]
     return family, dtype, tok
 
@@ -642,7 +642,7 @@ def fingerprint(hf_path) -> str:
     return h.hexdigest()[:16]
 
 
-def _tokenizer_dir(path: Path) -> Optional[Path]:
+def find_tokenizer_dir(path: Path) -> Optional[Path]:
     return (
         path
         if any((path / f).is_file() for f in TOKENIZER_FILES[:1] + ("tokenizer.model",))

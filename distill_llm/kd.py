@@ -83,6 +83,48 @@ def check_compatible(
     check_seq_length(teacher, seq_length, "teacher")
 
 
+def tokenizer_dir_of(path) -> Optional[str]:
+    """The tokenizer directory belonging to a model path: an HF directory's own tokenizer
+    files, or those of the HF directory a checkpoint was imported from; None if unknown."""
+    from pathlib import Path
+
+    from distill_llm import checkpoint, hf
+
+    if not path or not Path(path).is_dir():
+        return None
+    if hf.is_hf_dir(path) and hf.find_tokenizer_dir(Path(path)):
+        return str(path)
+    meta_file = Path(path) / checkpoint.META_FILE
+    if meta_file.is_file():
+        source = (checkpoint.read_metadata(path).get(hf.HF_META_KEY) or {}).get("source")
+        if source and Path(source).is_dir() and hf.find_tokenizer_dir(Path(source)):
+            return source
+    return None
+
+
+def check_same_tokenizer(named: dict) -> None:
+    """Refuse models/data that come with different tokenizers ({role: model or tokenizer path}).
+
+    Logit distillation compares probabilities id by id, which only means something when both
+    models give each id the same token."""
+    from distill_llm.tokenizer import load_tokenizer, vocabulary_difference
+
+    found = []
+    for role, path in named.items():
+        where = path if role == "data.tokenizer" else tokenizer_dir_of(path)
+        if where:
+            found.append((role, where, load_tokenizer(where)))
+    for role, where, tok in found[1:]:
+        first_role, first_where, first = found[0]
+        diff = vocabulary_difference(first, tok)
+        if diff is not None:
+            raise ConfigError(
+                f"the {first_role}'s tokenizer ({first_where}) and the {role}'s ({where}) differ "
+                f"({diff}); cross-tokenizer distillation is not supported: use a student and "
+                "data with the teacher's tokenizer"
+            )
+
+
 def check_seq_length(model: ModelConfig, seq_length: int, role: str) -> None:
     if seq_length > model.max_seq_length:
         raise ConfigError(

@@ -53,6 +53,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def pieces(self) -> list[str]:
+        """Every token's string, indexed by id."""
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """Identity of this tokenizer, stored next to preprocessed data."""
         return {
@@ -65,6 +69,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+def vocabulary_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when `a` and `b` give every shared id the same token; else where they first differ."""
+    pa, pb = a.pieces(), b.pieces()
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        if x != y:
+            return f"id {i} is {x!r} in one and {y!r} in the other"
+    return None
 
 
 def _fingerprint(file: Path, eod: int) -> str:
@@ -142,6 +155,10 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def pieces(self) -> list[str]:
+        by_id = {i: t for t, i in self._tok.get_vocab(with_added_tokens=True).items()}
+        return [by_id.get(i, "") for i in range(self.vocab_size)]
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` file (the seed's `tokenizer.model`)."""
@@ -176,6 +193,9 @@ class SentencePieceTokenizer(Tokenizer):
             if self._sp.IdToPiece(pid) == piece:
                 return pid
         return default if default >= 0 else None
+
+    def pieces(self) -> list[str]:
+        return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
 
     def encode(self, text: str) -> list[int]:
         return self._sp.Encode(text)

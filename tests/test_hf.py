@@ -251,3 +251,30 @@ def test_cli_import_and_export(llama_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_different_tokenizers_are_refused_before_anything_runs(tmp_path):
+    """Teacher and student HF directories whose tokenizers map ids to different tokens."""
+    from distill_llm import distill, kd
+
+    for name, words in (("teacher", "alpha beta gamma"), ("student", "delta epsilon zeta")):
+        _make_hf(tmp_path / name, "llama")
+        corpus = tmp_path / f"{name}.txt"
+        corpus.write_text("\n\n".join(f"{words} {i}" for i in range(300)))
+        train_bpe_tokenizer(str(corpus), str(tmp_path / name), vocab_size=300)
+    with pytest.raises(ConfigError, match="cross-tokenizer distillation is not supported") as err:
+        distill(
+            teacher=str(tmp_path / "teacher"),
+            student_checkpoint=str(tmp_path / "student"),
+            output_dir=str(tmp_path / "run"),
+        )
+    assert "\n" not in str(err.value) and "teacher's tokenizer" in str(err.value)
+    assert not (tmp_path / "run").exists()
+    # the same tokenizer on both sides (and as data.tokenizer) passes the check
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tmp_path / "teacher" / f).is_file():
+            (tmp_path / "student" / f).write_bytes((tmp_path / "teacher" / f).read_bytes())
+    kd.check_same_tokenizer({
+        "teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student"),
+        "data.tokenizer": str(tmp_path / "teacher"),
+    })  # fmt: skip
