@@ -88,7 +88,9 @@ def _export(plan: Optional[dict], summary: dict, model_cfg, parallel) -> dict:
     from distill_llm import hf as hf_lib
 
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    gpt = build_gpt(model_cfg, tensor_parallel=tp, pipeline_parallel=pp)
+    gpt = build_gpt(
+        model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=parallel.params_dtype
+    )
     checkpoint.load_model(summary["final"], gpt, model_cfg, role="final")
     hf_lib.export_model(gpt, model_cfg, plan["dir"], family=plan["family"], dtype=plan["dtype"],
                         tokenizer=plan["tokenizer"])  # fmt: skip
