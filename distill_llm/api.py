@@ -87,13 +87,9 @@ def _export(plan: Optional[dict], summary: dict, model_cfg, parallel) -> dict:
         return summary
     from distill_llm import hf as hf_lib
 
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    gpt = build_gpt(
-        model_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=parallel.params_dtype
-    )
-    checkpoint.load_model(summary["final"], gpt, model_cfg, role="final")
-    hf_lib.export_model(gpt, model_cfg, plan["dir"], family=plan["family"], dtype=plan["dtype"],
-                        tokenizer=plan["tokenizer"])  # fmt: skip
+    hf_lib.export_checkpoint(summary["final"], model_cfg, plan["dir"], parallel,
+                             family=plan["family"], dtype=plan["dtype"],
+                             tokenizer=plan["tokenizer"])  # fmt: skip
     if dist.is_main():
         print(f"exported the final model to {plan['dir']} (Hugging Face)", flush=True)
     return {**summary, "export_hf": plan["dir"]}

@@ -708,6 +708,22 @@ def export_model(
     return written
 
 
+def export_checkpoint(checkpoint: str, cfg: ModelConfig, output_dir, layout, **how) -> None:
+    """Load an engine checkpoint into a model built on the current `layout` (a ParallelConfig)
+    and write it as an HF directory (`how`: export_model's family, dtype, tokenizer)."""
+    from distill_llm import checkpoint as ckpt
+    from distill_llm.model import build_gpt
+
+    model = build_gpt(
+        cfg,
+        tensor_parallel=layout.tensor_parallel,
+        pipeline_parallel=layout.pipeline_parallel,
+        params_dtype=layout.params_dtype,
+    )
+    ckpt.load_model(checkpoint, model, cfg, role="model")
+    export_model(model, cfg, output_dir, **how)
+
+
 def export_hf(
     checkpoint: str,
     output_dir: str,
@@ -721,7 +737,6 @@ def export_hf(
     the tokenizer files come from `tokenizer` or, for an imported checkpoint, its source."""
     from distill_llm import checkpoint as ckpt
     from distill_llm import parallel
-    from distill_llm.model import build_gpt
 
     cfg = ckpt.model_config_of(checkpoint)
     if dtype is not None and dtype not in _DTYPES:
@@ -732,10 +747,10 @@ def export_hf(
     family = family or recorded
     check_exportable(cfg, family_for(cfg, family))
     torch_dtype = _DTYPES[dtype] if dtype else torch_dtype
-    parallel.initialize(parallel.ParallelConfig(), seed=0)
-    model = build_gpt(cfg)
-    ckpt.load_model(checkpoint, model, cfg, role="model")
-    export_model(model, cfg, output_dir, family=family, dtype=torch_dtype, tokenizer=tokenizer)
+    layout = parallel.ParallelConfig()
+    parallel.initialize(layout, seed=0)
+    export_checkpoint(checkpoint, cfg, output_dir, layout, family=family, dtype=torch_dtype,
+                      tokenizer=tokenizer)  # fmt: skip
     if parallel.is_main():
         print(f"exported {checkpoint} -> {output_dir}")
     return str(output_dir)
