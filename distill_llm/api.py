@@ -64,10 +64,15 @@ def _fit(model, model_cfg, data, source, train, optim, parallel, run_path, dp_si
     return trainer.fit()
 
 
-def _export_plan(target, model_cfg, sources, data, protected) -> Optional[dict]:
+def _export_plan(target, model_cfg, sources, data, protected, pp: int) -> Optional[dict]:
     """Checks for `export_hf` made before training; what `_export` needs afterwards."""
     if not target:
         return None
+    if pp > 1:
+        raise ConfigError(
+            "export_hf= needs pipeline_parallel=1 (the export gathers tensor-parallel shards "
+            "only); drop it and run `nemo distill_llm export_hf` on the final checkpoint"
+        )
     from distill_llm import hf as hf_lib
 
     for p in protected + [s for s in sources if s]:
@@ -142,10 +147,11 @@ def distill(
     elif student_checkpoint:
         checkpoint.model_config_of(student_checkpoint)  # exists and is readable
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    export = _export_plan(export_hf, student, [student_checkpoint, teacher], data, [teacher])
+    export = _export_plan(export_hf, student, [student_checkpoint, teacher], data, [teacher], pp)
     kd_lib.check_compatible(
         student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
     )
+    kd_lib.check_pipeline_pairs(kd, student, teacher_cfg, pp)
     kd_lib.check_same_tokenizer(
         {"teacher": teacher, "student": student_checkpoint, "data.tokenizer": data.tokenizer}
     )
@@ -206,7 +212,7 @@ def pretrain(
     elif init_checkpoint:
         checkpoint.model_config_of(init_checkpoint)  # exists and is readable
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    export = _export_plan(export_hf, model, [init_checkpoint], data, [])
+    export = _export_plan(export_hf, model, [init_checkpoint], data, [], pp)
     model.validate(tp, pp, role="model")
     kd_lib.check_seq_length(model, train.seq_length, "model")
     source = data.resolve({"model": model.vocab_size}, train.seq_length)

@@ -83,6 +83,34 @@ def check_compatible(
     check_seq_length(teacher, seq_length, "teacher")
 
 
+_LAST_STAGE_MODULES = ("decoder.final_layernorm", "output_layer")
+
+
+def check_pipeline_pairs(
+    kd: KDConfig, student: ModelConfig, teacher: ModelConfig, pipeline_parallel: int
+) -> None:
+    """Under pipeline parallel the KD losses are computed on the last stage, so intermediate
+    pairs can only name modules that live there (ModelOpt's plugin has no cross-stage pairs)."""
+    import re
+
+    if pipeline_parallel == 1:
+        return
+    for pair in kd.intermediate_pairs:
+        for name, cfg, role in ((pair[0], student, "student"), (pair[1], teacher, "teacher")):
+            first = cfg.num_layers - cfg.num_layers // pipeline_parallel
+            layer = re.match(r"decoder\.layers\.(\d+)(\.|$)", name)
+            on_last = name.startswith(_LAST_STAGE_MODULES) or (
+                layer is not None and int(layer.group(1)) >= first
+            )
+            if not on_last:
+                raise ConfigError(
+                    f"kd.intermediate_pairs: the {role}'s {name!r} is not on the last pipeline "
+                    f"stage, where KD losses are computed with pipeline_parallel="
+                    f"{pipeline_parallel}; pair modules from decoder.layers.{first}-"
+                    f"{cfg.num_layers - 1} or decoder.final_layernorm, or lower pipeline_parallel"
+                )
+
+
 def tokenizer_dir_of(path) -> Optional[str]:
     """The tokenizer directory belonging to a model path: an HF directory's own tokenizer
     files, or those of the HF directory a checkpoint was imported from; None if unknown."""
@@ -162,18 +190,20 @@ def build_distillation_model(student, teacher, kd: KDConfig):
     the student only, and hides the teacher from `state_dict` / `sharded_state_dict`.
     """
     import modelopt.torch.distill as mtd
+    from megatron.core import parallel_state
     from modelopt.torch.distill.plugins import megatron as mtd_mcore
 
     pairs = [tuple(p) for p in kd.intermediate_pairs]
-    for pair in pairs:
-        for model, name, role in ((student, pair[0], "student"), (teacher, pair[1], "teacher")):
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                raise ConfigError(
-                    f"kd.intermediate_pairs: the {role} has no module {name!r}; use a name from "
-                    f"its named_modules(), e.g. 'decoder.final_layernorm'"
-                ) from None
+    if parallel_state.is_pipeline_last_stage():  # the only stage holding the paired modules
+        for pair in pairs:
+            for model, name, role in ((student, pair[0], "student"), (teacher, pair[1], "teacher")):
+                try:
+                    model.get_submodule(_local_name(name, model.config))
+                except AttributeError:
+                    raise ConfigError(
+                        f"kd.intermediate_pairs: the {role} has no module {name!r}; use a name "
+                        f"from its named_modules(), e.g. 'decoder.final_layernorm'"
+                    ) from None
     skip_lm_loss = kd.skip_lm_loss if kd.alpha is None else kd.alpha == 1.0
     cfg = mtd_mcore.DistillationConfig(
         intermediate_layer_pairs=pairs,
@@ -181,7 +211,11 @@ def build_distillation_model(student, teacher, kd: KDConfig):
         kd_loss_scale=kd.kd_loss_scale,
         logit_kl_temperature=kd.temperature,
     )
-    cfg = mtd_mcore.setup_distillation_config(cfg, student.config, teacher.config)
+    # The projection layer (student width -> teacher width) draws its weights from the run
+    # seed, so it starts the same whatever the parallel layout built before it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed())
+        cfg = mtd_mcore.setup_distillation_config(cfg, student.config, teacher.config)
     logits_key = tuple(cfg.logit_layers)
     if logits_key in cfg.criterion:  # the last pipeline stage: our loss kinds replace ModelOpt's
         cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd)
@@ -205,6 +239,16 @@ def build_distillation_model(student, teacher, kd: KDConfig):
     mtd_mcore.adjust_distillation_model_for_mcore(model, cfg)
     model.compute_language_model_loss = MethodType(_guarded_lm_loss(skip_lm_loss), model)
     return model
+
+
+def _local_name(name: str, config) -> str:
+    """A module name with its global layer index made local to this pipeline stage."""
+    import re
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    offset = TransformerLayer._get_layer_offset(config)
+    return re.sub(r"^(decoder\.layers\.)(\d+)", lambda m: f"{m[1]}{int(m[2]) - offset}", name)
 
 
 def _logits_kd_loss(config, kd: KDConfig):

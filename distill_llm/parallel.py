@@ -19,7 +19,7 @@ class ParallelConfig:
     """How the job is laid out. Data parallel is derived: world size / (TP x PP)."""
 
     tensor_parallel: int = 1  # splits each layer's weights across this many processes
-    pipeline_parallel: int = 1  # splits the layers into this many stages (plumbing only for now)
+    pipeline_parallel: int = 1  # splits the layers into this many stages (1F1B schedule)
     precision: Precision = "fp32"  # parameter and compute dtype; bf16 keeps fp32 master weights
     use_distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
 
@@ -39,10 +39,6 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by tensor_parallel x "
                 f"pipeline_parallel = {model_parallel}; launch a multiple of {model_parallel} "
                 "processes (torchrun --nproc_per_node)"
-            )
-        if self.pipeline_parallel > 1:
-            raise ConfigError(
-                "pipeline_parallel > 1 is not supported yet; use tensor or data parallel"
             )
         return world_size // model_parallel
 

@@ -145,9 +145,13 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     """Token-weighted means over all micro-batches and data-parallel ranks."""
     from megatron.core import parallel_state
 
+    # Only the last pipeline stage computes losses; the others add zeros, so every rank (the
+    # logging rank 0 sits on the first stage) ends up with the same figures.
     sums = torch.stack([r["sums"] for r in reports]).sum(0) if reports else torch.zeros(4)
     if torch.cuda.is_available():
         sums = sums.cuda()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
     sums = dict(zip(_REPORT, sums.tolist()))
     n = max(sums.pop("tokens"), 1.0)
@@ -234,16 +238,30 @@ class Trainer:
 
     # -- steps --------------------------------------------------------------------------------
     def _forward_backward(self, iterator, num_microbatches: int, forward_only: bool):
+        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        shapes = dict(
+            seq_length=self.train_cfg.seq_length, micro_batch_size=self.data.plan.micro_batch_size
+        )
+        extra = {}
+        if self.is_distillation and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            from modelopt.torch.distill.plugins.megatron import (
+                get_tensor_shapes_adjust_fn_for_distillation,
+            )
+
+            # Between stages the wrapper sends student and teacher activations concatenated.
+            extra["adjust_tensor_shapes_fn"] = get_tensor_shapes_adjust_fn_for_distillation(
+                [self.ddp], decoder_seq_length=self.train_cfg.seq_length, **shapes
+            )
         return get_forward_backward_func()(
             forward_step_func=partial(_forward_step, self.inner if self.is_distillation else None),
             data_iterator=iterator,
             model=[self.ddp],
             num_microbatches=num_microbatches,
-            seq_length=self.train_cfg.seq_length,
-            micro_batch_size=self.data.plan.micro_batch_size,
             forward_only=forward_only,
+            **shapes,
+            **extra,
         )
 
     def train_step(self, iterator) -> dict[str, float]:
