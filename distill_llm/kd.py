@@ -71,14 +71,9 @@ def check_compatible(
     """Refuse, before anything heavy runs, a teacher/student pair that cannot be distilled."""
     student.validate(tensor_parallel, pipeline_parallel, role="student")
     teacher.validate(tensor_parallel, pipeline_parallel, role="teacher")
-    s_vocab = student.padded_vocab_size(tensor_parallel)
-    t_vocab = teacher.padded_vocab_size(tensor_parallel)
-    if s_vocab != t_vocab:
-        raise ConfigError(
-            f"padded vocab sizes differ: student {s_vocab} (vocab_size {student.vocab_size}) vs "
-            f"teacher {t_vocab} (vocab_size {teacher.vocab_size}); both models must use the "
-            "same tokenizer and make_vocab_size_divisible_by"
-        )
+    # Vocabulary sizes may differ (e.g. 152064 vs 151936 rows for one tokenizer): the KD loss
+    # runs over the ids both have. Different tokenizers are refused by check_same_tokenizer,
+    # and data.resolve refuses token ids beyond either model's vocabulary.
     check_seq_length(student, seq_length, "student")
     check_seq_length(teacher, seq_length, "teacher")
 
@@ -218,7 +213,8 @@ def build_distillation_model(student, teacher, kd: KDConfig):
         cfg = mtd_mcore.setup_distillation_config(cfg, student.config, teacher.config)
     logits_key = tuple(cfg.logit_layers)
     if logits_key in cfg.criterion:  # the last pipeline stage: our loss kinds replace ModelOpt's
-        cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd)
+        shared = min(_real_vocab(student), _real_vocab(teacher))
+        cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd, shared)
     if kd.alpha is not None:
         cfg.loss_balancer = _static_mix(kd.alpha, kd.intermediate_weight)
     teacher.eval()
@@ -251,8 +247,47 @@ def _local_name(name: str, config) -> str:
     return re.sub(r"^(decoder\.layers\.)(\d+)", lambda m: f"{m[1]}{int(m[2]) - offset}", name)
 
 
-def _logits_kd_loss(config, kd: KDConfig):
-    """A ModelOpt Megatron criterion computing `kd.kind` over vocabulary-parallel logits."""
+def _real_vocab(model) -> int:
+    return getattr(model, "real_vocab_size", model.vocab_size)
+
+
+# A logit that gives probability exactly 0 (exp underflows) yet keeps every later operation
+# finite: -inf would turn some gradients (logaddexp, 0 x inf) into NaN.
+_EXCLUDED_LOGIT = -1e30
+
+
+def shared_vocab_logits(student, teacher, shared: int, group=None):
+    """This rank's student and teacher logit shards `[..., V_student/TP]` and
+    `[..., V_teacher/TP]`, aligned on the student's ids; ids >= `shared` (padding rows, or ids
+    one model lacks) get a logit of probability 0 in both, so no loss or gradient reaches them.
+
+    Same sizes with no padding in use: returned as they are. At TP=1: both cut to `shared`.
+    Under TP with different sizes the shards cover different ids, so the teacher's full logits
+    are gathered (no gradient) and this rank's student range cut from them."""
+    tp = 1 if group is None else torch.distributed.get_world_size(group)
+    local_s, local_t = student.shape[-1], teacher.shape[-1]
+    if tp == 1:
+        if local_s == local_t == shared:
+            return student, teacher
+        return student[..., :shared], teacher[..., :shared]
+    start = torch.distributed.get_rank(group) * local_s
+    if local_s != local_t:
+        pieces = [torch.empty_like(teacher) for _ in range(tp)]
+        torch.distributed.all_gather(pieces, teacher.contiguous(), group=group)
+        full = torch.cat(pieces, dim=-1)[..., start : start + local_s]
+        teacher = full.new_full(student.shape, _EXCLUDED_LOGIT, dtype=torch.float32)
+        teacher[..., : full.shape[-1]] = full
+    real = max(0, min(local_s, shared - start))
+    if real < local_s:
+        excluded = torch.arange(local_s, device=student.device) >= real
+        student = student.float().masked_fill(excluded, _EXCLUDED_LOGIT)
+        teacher = teacher.float().masked_fill(excluded, _EXCLUDED_LOGIT)
+    return student, teacher
+
+
+def _logits_kd_loss(config, kd: KDConfig, shared_vocab: int):
+    """A ModelOpt Megatron criterion computing `kd.kind` over vocabulary-parallel logits, on
+    the ids below `shared_vocab`."""
     from megatron.core import parallel_state
     from modelopt.torch.distill.plugins.megatron import BaseLoss
 
@@ -261,10 +296,11 @@ def _logits_kd_loss(config, kd: KDConfig):
         part of the vocabulary sum (kd_loss_terms adds the parts across the TP group)."""
 
         def forward(self, predictions, targets):
-            predictions, targets = self.pre_forward(predictions, targets)
             group = None
             if parallel_state.get_tensor_model_parallel_world_size() > 1:
                 group = parallel_state.get_tensor_model_parallel_group()
+            predictions, targets = self.pre_forward(predictions, targets)
+            predictions, targets = shared_vocab_logits(predictions, targets, shared_vocab, group)
             per_token = losses.per_position(
                 kd.kind, predictions, targets, kd.temperature, kd.beta, group
             )

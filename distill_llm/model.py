@@ -227,6 +227,9 @@ def build_gpt(
         rope_scaling=cfg.rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
     )
+    # Ids from here up to the padded size are Megatron's padding rows, not tokens: the KD
+    # loss leaves them out (distill_llm.kd).
+    model.real_vocab_size = cfg.vocab_size
     if params_dtype != torch.float32:
         # Megatron-LM's Float16Module does the same: every parameter in the low precision,
         # norms included (the local spec builds norm weights in fp32). The optimizer keeps

@@ -29,7 +29,10 @@ def _batch(b=3, s=24, vocab=1000):
 def _independent(s_logits, t_logits, labels, mask, temperature, kind="forward_kl"):
     """The KD loss (`kind` at temperature T, times T^2) and the student's CE, both means over
     mask==1, computed in float64 by tests/test_losses.py's reference."""
-    kd_value = reference(kind, s_logits, t_logits, temperature=temperature, mask=mask)
+    v = STUDENT["vocab_size"]  # the real vocabulary, not Megatron's padding rows (to 1024)
+    kd_value = reference(
+        kind, s_logits[..., :v], t_logits[..., :v], temperature=temperature, mask=mask
+    )
     ce = F.cross_entropy(s_logits.double().flatten(0, 1), labels.flatten(), reduction="none")
     return kd_value, (ce.view_as(mask) * mask).sum() / mask.sum()
 
@@ -136,3 +139,40 @@ def test_intermediate_pairs_are_logged_and_validated():
         kd.build_distillation_model(
             student2, teacher2, kd.KDConfig(intermediate_pairs=[["decoder.nope", "decoder"]])
         )
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_different_vocab_sizes_use_the_shared_vocabulary(kind):
+    """Same tokenizer, different embedding sizes (as Qwen2.5 7B's 152064 vs 1.5B's 151936): the
+    loss runs over the ids both models have; the teacher's extra rows are left out."""
+    tokens, labels, mask, pos = _batch()
+    parallel.seed_everything(21)
+    teacher = build_gpt(ModelConfig(**dict(TEACHER, vocab_size=1100)))  # padded to 1152
+    student = build_gpt(ModelConfig(**STUDENT))  # 1000, padded to 1024
+    with torch.no_grad():
+        t_logits = teacher(tokens, pos, None)
+    s_logits = student(tokens, pos, None)
+    assert t_logits.shape[-1] == 1152 and s_logits.shape[-1] == 1024
+    want_kd, _ = _independent(s_logits, t_logits, labels, mask, 2.0, kind)
+    want_kd.backward()
+    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    model = kd.build_distillation_model(
+        student,
+        teacher,
+        kd.KDConfig(temperature=2.0, kind=kind, beta=0.4 if kind == "jsd" else 0.5),
+    )
+    model.train()
+    per_token = model(tokens, pos, None, labels=labels)
+    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    n = mask.sum()
+    if kind == "forward_kl":
+        torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)
+        (terms["total"] / n).backward()
+        for name, param in model.named_parameters():
+            if param.requires_grad and name in want_grads:
+                torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+    else:
+        want = reference(kind, s_logits[..., :1000], t_logits[..., :1000], temperature=2.0,
+                         beta=0.4, mask=mask)  # fmt: skip
+        torch.testing.assert_close(terms["logits"].double() / n, want, rtol=0, atol=1e-5)

@@ -22,6 +22,9 @@ def runs(tmp_path_factory):
     )
     # another loss kind through the same vocabulary-parallel path
     jsd = dict(common, kd=dict(skip_lm_loss=True, kind="jsd", beta=0.3, temperature=2.0))
+    # a teacher with 100 more vocabulary rows (padded 1152 at TP=1, 1280 at TP=2; the student
+    # 1024 at both): the TP shards cover different ids, so the loss aligns them
+    wide = dict(common, teacher=str(tmp / "wide_teacher"))
     run_worker(
         tmp,
         [
@@ -29,6 +32,13 @@ def runs(tmp_path_factory):
             dict(common, output_dir=str(tmp / "tp1")),
             dict(op="logits", checkpoint=str(tmp / "tp1/final"), out=str(tmp / "tp1_at_tp1.pt")),
             dict(jsd, output_dir=str(tmp / "tp1_jsd")),
+            dict(
+                op="init_model",
+                model=dict(TEACHER, vocab_size=1100),
+                output_dir=str(tmp / "wide_teacher"),
+                seed=11,
+            ),  # fmt: skip
+            dict(wide, output_dir=str(tmp / "tp1_wide")),
         ],
     )
     run_worker(
@@ -36,6 +46,7 @@ def runs(tmp_path_factory):
         [
             dict(common, output_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
             dict(jsd, output_dir=str(tmp / "tp2_jsd"), parallel=dict(tensor_parallel=2)),
+            dict(wide, output_dir=str(tmp / "tp2_wide"), parallel=dict(tensor_parallel=2)),
             dict(
                 op="logits",
                 checkpoint=str(tmp / "tp2/final"),
@@ -69,12 +80,20 @@ TRAIN_KEYS = ["step", "lm_loss", "kd_loss", "grad_norm"]
 VALID_KEYS = ["step", "val_lm_loss", "val_kd_loss"]
 
 
-@pytest.mark.parametrize("other, base", [("tp2", "tp1"), ("dp2", "tp1"), ("tp2_jsd", "tp1_jsd")])
+@pytest.mark.parametrize(
+    "other, base",
+    [("tp2", "tp1"), ("dp2", "tp1"), ("tp2_jsd", "tp1_jsd"), ("tp2_wide", "tp1_wide")],
+)
 def test_losses_match_single_process(runs, other, base):
     for kind, keys in (("train", TRAIN_KEYS), ("valid", VALID_KEYS)):
         ref = torch.tensor(_series(runs / base, kind, keys), dtype=torch.float64)
         got = torch.tensor(_series(runs / other, kind, keys), dtype=torch.float64)
         assert ref.shape == got.shape and ref.shape[0] >= (4 if kind == "train" else 2)
+        if kind == "train":
+            # ModelOpt's balancer scales the KD gradient by LM/KD (~370 here), which magnifies
+            # float32 summation-order noise in the gradient norm: 5e-5 relative (seen: 1.1e-5)
+            torch.testing.assert_close(got[:, -1], ref[:, -1], rtol=5e-5, atol=0)
+            got, ref = got[:, :-1], ref[:, :-1]
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     # The losses moved: equality is not the trivial kind.
     kd = [e["kd_loss"] for e in read_metrics(runs / base, "train")]
