@@ -1,7 +1,14 @@
-"""Logit-distillation losses over full logits `[..., vocab]`, plain or chunked over positions.
+"""Logit-distillation losses over logits `[..., vocab]`: plain, chunked over positions, or
+fused with the student's output layer.
 
     kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=1.0,
             temperature_squared=True, beta=0.5, mask=None, chunk_size=None)
+    kd_loss_fused(hidden, output_weight, teacher_logits, ..., chunk_size=256)
+    per_position(kind, student, teacher, temperature, beta, group=None)
+    chunked_per_position(kind, student, teacher, temperature, beta, group=None, chunk_size=256)
+
+The last two give the unreduced divergence at each position, also over vocabulary shards
+(tensor parallel, `group`), for Megatron's own masked reduction.
 
 With p_t = softmax(teacher / T) and p_s = softmax(student / T) over the vocabulary, per position:
   forward_kl  sum p_t (log p_t - log p_s)
@@ -21,7 +28,8 @@ an infinite one.
 `chunk_size=N` computes the same value and gradient N positions at a time with its own
 backward: the gradient for the student's logits is written into one buffer during the forward
 pass, so peak extra memory is that buffer plus one chunk's temporaries instead of several
-full-vocabulary float32 copies.
+full-vocabulary float32 copies. `kd_loss_fused` goes further: it takes the student's last
+hidden states and output weight, and neither the student's logits nor their gradient exist.
 """
 
 import math
@@ -88,14 +96,23 @@ def check_settings(kind: str, temperature: float, beta: float) -> None:
         raise ConfigError(f"jsd needs 0 < beta < 1, got {beta}")
 
 
-def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights: torch.Tensor):
-    """Per-row divergence of a chunk `[c, vocab]` and the gradient of sum(weights * rows) with
-    respect to `s` (in `s`'s dtype). Forward and reverse KL use their closed forms in place,
-    with about four chunk-sized temporaries; JSD and TVD differentiate the chunk by autograd."""
+def _sharded(group) -> bool:
+    return group is not None and torch.distributed.get_world_size(group) > 1
+
+
+def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, group=None):
+    """Per-row divergence of a chunk `[c, vocab]` (this rank's shard part with a TP `group`)
+    and the gradient of sum(weights * rows) with respect to `s`, in `s`'s dtype (weights 1
+    when None). With a `group` the gradient is that of the rows summed over all ranks, every
+    rank giving the same weights: the gradient autograd gives through `per_position(...,
+    group)` in Megatron's reduction. Forward and reverse KL use their closed forms in place,
+    with about four chunk-sized temporaries; JSD and TVD differentiate the chunk by autograd
+    (whose backward all-reduces the normalisers' gradients, on every rank in the same order).
+    """
     if kind in ("forward_kl", "reverse_kl"):
         with torch.no_grad():
-            log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-            log_pt = F.log_softmax(t.float() / temperature, dim=-1)
+            log_ps = log_softmax(s.float() / temperature, group)
+            log_pt = log_softmax(t.float() / temperature, group)
             if kind == "forward_kl":  # d/dz sum p_t (log p_t - log p_s) = p_s - p_t, z = s / T
                 p_t = log_pt.exp()
                 rows = torch.where(p_t > 0, log_pt.sub_(log_ps), 0.0).mul_(p_t).sum(-1)
@@ -104,44 +121,112 @@ def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights: torch.T
                 f = log_ps - log_pt.clamp_(min=LOG_PROB_FLOOR)
                 p_s = log_ps.exp_()
                 rows = (p_s * f).sum(-1)
-                grad = p_s.mul_(f.sub_(rows[:, None]))
-            grad.mul_((weights / temperature)[:, None])
+                value = rows  # the closed form needs the whole row's value, not this shard's
+                if _sharded(group):
+                    value = rows.clone()
+                    torch.distributed.all_reduce(value, group=group)
+                grad = p_s.mul_(f.sub_(value[:, None]))
+            if weights is None:
+                grad.div_(temperature)
+            else:
+                grad.mul_((weights / temperature)[:, None])
             return rows, grad.to(s.dtype)
     with torch.enable_grad():
         leaf = s.detach().requires_grad_()
-        rows = per_position(kind, leaf, t, temperature, beta)
-        (grad,) = torch.autograd.grad((rows * weights).sum(), leaf)
+        rows = per_position(kind, leaf, t, temperature, beta, group)
+        total = rows.sum() if weights is None else (rows * weights).sum()
+        (grad,) = torch.autograd.grad(total, leaf)
     return rows.detach(), grad
 
 
-class _Chunked(torch.autograd.Function):
-    """sum(per-position divergence x weights) over all positions, `chunk` positions at a time;
-    the student gradient is written into one buffer during the forward pass."""
+class _ChunkedRows(torch.autograd.Function):
+    """Per-position divergence rows, `chunk` positions at a time; the gradient of the rows
+    (weights 1) is written into one student-sized buffer during the forward pass, and the
+    backward scales that buffer in place by the rows' incoming gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, weights, kind, temperature, beta, chunk):
+    def forward(ctx, student, teacher, kind, temperature, beta, group, chunk):
         s2 = student.reshape(-1, student.shape[-1])
         t2 = teacher.reshape(-1, teacher.shape[-1])
-        w = weights.reshape(-1)
+        rows = torch.empty(s2.shape[0], dtype=torch.float32, device=student.device)
         grad = torch.empty_like(s2)
-        total = torch.zeros((), dtype=torch.float64, device=student.device)
         for i in range(0, s2.shape[0], chunk):
             piece = slice(i, i + chunk)
-            rows, grad[piece] = _rows_and_grad(kind, s2[piece], t2[piece], temperature, beta,
-                                               w[piece])  # fmt: skip
-            total += (rows * w[piece]).sum().double()
+            rows[piece], grad[piece] = _rows_and_grad(kind, s2[piece], t2[piece], temperature,
+                                                      beta, None, group)  # fmt: skip
         # Kept on ctx, not saved for backward: backward hands over the only reference, so
         # autograd adopts the buffer as the student's .grad instead of copying it.
-        ctx.grad, ctx.shape = grad, student.shape
-        return total.to(torch.float32)
+        ctx.grad, ctx.shape, ctx.chunk = grad, student.shape, chunk
+        return rows.view(student.shape[:-1])
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_rows):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("the chunked KD loss can be backpropagated once")
-        grad = grad.mul_(grad_output.to(grad.dtype)).view(ctx.shape)  # in place, no copy
-        return grad, None, None, None, None, None, None
+        weights = grad_rows.reshape(-1, 1)
+        # Chunk by chunk, so a bf16 buffer is scaled by float32 weights without a full-size
+        # float32 temporary.
+        for i in range(0, grad.shape[0], ctx.chunk):
+            grad[i : i + ctx.chunk].mul_(weights[i : i + ctx.chunk])
+        return grad.view(ctx.shape), None, None, None, None, None, None
+
+
+def chunked_per_position(
+    kind: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    beta: float,
+    group=None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """`per_position(kind, student, teacher, temperature, beta, group)`, `chunk_size`
+    positions at a time, with its own backward.
+
+    student, teacher: logits `[..., vocab]` (with a tensor-parallel `group`: this rank's
+    vocabulary shard `[..., vocab / TP]`). Returns float32 rows of shape `student.shape[:-1]`:
+    the divergence at each position (no T^2, no mask; with a `group`, this rank's part of the
+    vocabulary sum, to be added across the group). Mask by giving masked rows weight 0.
+
+    Differentiable with respect to `student` only. The forward pass writes the gradient of
+    the rows into one buffer of the student's shape and dtype; the backward multiplies it in
+    place by the rows' gradient and hands it on, so peak extra memory is that buffer plus one
+    chunk's temporaries. Backpropagate at most once. With a `group`, the gradient is the one
+    autograd gives through `per_position(..., group)` when the rows are summed across the
+    group with the same upstream weights on every rank (as Megatron's TP reduction of the
+    masked token sums does); every rank must call this with the same positions.
+    """
+    check_settings(kind, temperature, beta)
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student.shape != teacher.shape:
+        raise ConfigError(
+            f"student logits {tuple(student.shape)} and teacher logits "
+            f"{tuple(teacher.shape)} differ in shape"
+        )
+    teacher = teacher.detach()
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _ChunkedRows.apply(student, teacher, kind, temperature, beta, group, chunk_size)
+    s2 = student.detach().reshape(-1, student.shape[-1])
+    t2 = teacher.reshape(-1, teacher.shape[-1])
+    with torch.no_grad():  # no gradient wanted: no buffer
+        pieces = [slice(i, i + chunk_size) for i in range(0, s2.shape[0], chunk_size)]
+        rows = [per_position(kind, s2[p], t2[p], temperature, beta, group) for p in pieces]
+    return torch.cat(rows).view(student.shape[:-1])
+
+
+def _position_weights(
+    positions, mask: Optional[torch.Tensor], device, temperature: float, squared: bool
+) -> torch.Tensor:
+    """Per-position weights of the mean over unmasked positions, T^2 included."""
+    if mask is None:
+        mask = torch.ones(positions, device=device)
+    elif tuple(mask.shape) != tuple(positions):
+        raise ConfigError(f"mask shape {tuple(mask.shape)} must be the logits' {tuple(positions)}")
+    mask = mask.float()
+    factor = temperature**2 if squared else 1.0
+    return mask * (factor / mask.sum().clamp(min=1.0))
 
 
 def kd_loss(
@@ -155,28 +240,127 @@ def kd_loss(
     mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Mean KD divergence over unmasked positions (see the module docstring for the formulas)."""
+    """Mean KD divergence over unmasked positions (see the module docstring for the formulas).
+
+    student_logits, teacher_logits: `[..., vocab]`; mask: `[...]`, 1 where a position counts.
+    Returns a float32 scalar. `chunk_size=N` gives the same value and gradient through
+    `chunked_per_position`, N positions at a time.
+    """
     check_settings(kind, temperature, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ConfigError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
-    positions = student_logits.shape[:-1]
-    if mask is None:
-        mask = torch.ones(positions, device=student_logits.device)
-    elif tuple(mask.shape) != tuple(positions):
-        raise ConfigError(f"mask shape {tuple(mask.shape)} must be the logits' {tuple(positions)}")
-    mask = mask.float()
-    count = mask.sum()
-    factor = temperature**2 if temperature_squared else 1.0
+    if chunk_size is not None and chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    weights = _position_weights(
+        student_logits.shape[:-1], mask, student_logits.device, temperature, temperature_squared
+    )
     teacher_logits = teacher_logits.detach()
     if chunk_size is None:
-        values = per_position(kind, student_logits, teacher_logits, temperature, beta)
-        return factor * (values * mask).sum() / count.clamp(min=1.0)
+        rows = per_position(kind, student_logits, teacher_logits, temperature, beta)
+    else:
+        rows = chunked_per_position(
+            kind, student_logits, teacher_logits, temperature, beta, chunk_size=chunk_size
+        )
+    return (rows * weights).sum()
 
+
+class _FusedOutput(torch.autograd.Function):
+    """sum(weights x divergence rows) of the logits `hidden @ weight.T`, `chunk` positions at
+    a time; the gradients of `hidden` and `weight` are accumulated during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher, weights, kind, temperature, beta, chunk, needs):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        t2 = teacher.reshape(-1, teacher.shape[-1])
+        w = weights.reshape(-1)
+        need_h, need_w = needs
+        grad_h = torch.empty_like(h2) if need_h else None
+        # float32 accumulator: adding many chunks' bf16 products in bf16 would lose precision
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for i in range(0, h2.shape[0], chunk):
+            piece = slice(i, i + chunk)
+            h = h2[piece]
+            if not (need_h or need_w):  # no gradient wanted: values only
+                rows = per_position(kind, h @ weight.T, t2[piece], temperature, beta)
+                total += (rows * w[piece]).sum().double()
+                continue
+            rows, g = _rows_and_grad(kind, h @ weight.T, t2[piece], temperature, beta, w[piece])
+            total += (rows * w[piece]).sum().double()
+            if need_h:
+                grad_h[piece] = g @ weight
+            if need_w and grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.T, h)
+            elif need_w:
+                grad_w.add_(g.T @ h)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.shape = hidden.shape
+        return total.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused KD loss can be backpropagated once")
+        grad_h, grad_w = grads
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_output.to(grad_h.dtype)).view(ctx.shape)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_output.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def kd_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    temperature_squared: bool = True,
+    beta: float = 0.5,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """`kd_loss(hidden @ weight.T, teacher_logits, ...)` without the student's logits.
+
+    hidden: the student's last hidden states `[..., h]`; weight: its output layer `[vocab, h]`
+    (the student's logits are `hidden @ weight.T`, no bias); teacher_logits: `[..., vocab]`;
+    mask: `[...]`, 1 where a position counts. Returns the float32 mean over unmasked positions
+    (times T^2 when `temperature_squared`; 0 when no position counts), equal in value and in
+    the gradients of `hidden` and `weight` to the plain `kd_loss`. Neither the student's full
+    logits nor their gradient ever exist: `chunk_size` positions at a time, the logits chunk
+    `[chunk, vocab]` is formed, its gradient computed in closed form (or by autograd for jsd
+    and tvd), and turned at once into its rows of `hidden`'s gradient (g @ weight) and its
+    share of `weight`'s (g.T @ hidden). Both gradients are computed during the forward pass
+    (only those of inputs that require grad), so peak extra memory is their two buffers plus
+    one chunk's temporaries; for a bf16/fp16 `weight`, `weight`'s gradient is accumulated in
+    float32 (twice its size) and each chunk's product is one weight-sized temporary.
+    Backpropagate at most once. No tensor-parallel group: `weight` must hold the whole
+    vocabulary (a vocabulary-parallel output layer needs the Megatron path's
+    `chunked_per_position` on its logits shard instead).
+    """
+    check_settings(kind, temperature, beta)
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-    weights = mask * (factor / max(float(count), 1.0))
-    return _Chunked.apply(student_logits, teacher_logits, weights, kind, temperature, beta,
-                          chunk_size)  # fmt: skip
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ConfigError(
+            f"output weight {tuple(weight.shape)} must be [vocab, hidden size] with hidden size "
+            f"that of hidden {tuple(hidden.shape)}"
+        )
+    want = tuple(hidden.shape[:-1]) + (weight.shape[0],)
+    if tuple(teacher_logits.shape) != want:
+        raise ConfigError(
+            f"teacher logits {tuple(teacher_logits.shape)} must be {want}: hidden's positions "
+            f"by the output weight's vocabulary"
+        )
+    weights = _position_weights(
+        hidden.shape[:-1], mask, hidden.device, temperature, temperature_squared
+    )
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    return _FusedOutput.apply(hidden, weight, teacher_logits.detach(), weights, kind,
+                              temperature, beta, chunk_size, needs)  # fmt: skip
