@@ -3,7 +3,14 @@
 Importing the package is cheap; megatron-core and ModelOpt load when an entry point runs.
 """
 
-from distill_llm.api import default_student, distill, evaluate, init_model, pretrain
+from distill_llm.api import (
+    cache_teacher,
+    default_student,
+    distill,
+    evaluate,
+    init_model,
+    pretrain,
+)
 from distill_llm.data import DataConfig
 from distill_llm.errors import ConfigError
 from distill_llm.kd import KDConfig
@@ -24,6 +31,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "cache_teacher",
     "ConfigError",
     "DataConfig",
     "KDConfig",

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from distill_llm import checkpoint
+from distill_llm import checkpoint, offline
 from distill_llm import kd as kd_lib
 from distill_llm import parallel as dist
 from distill_llm.data import BatchPlan, DataConfig, DataModule
@@ -49,17 +49,24 @@ def _data_module(data, source, train: TrainConfig, dp_size: int, run_path: Path)
     )
 
 
-def _fit(model, model_cfg, data, source, train, optim, parallel, run_path, dp_size) -> dict:
-    """Train `model` (a GPT, or a GPT wrapped with its teacher) to the end of `train`."""
+def _fit(
+    model, model_cfg, data, source, train, optim, parallel, run_path, dp_size, cached=None
+) -> dict:
+    """Train `model` (a GPT, or a GPT wrapped with its teacher, or a GPT with a `cached`
+    teacher: (caches, CachedTeacher)) to the end of `train`."""
+    data_module = _data_module(data, source, train, dp_size, run_path)
+    if cached is not None:
+        cached[0].check({"data_stream": data_module.stream_id})
     trainer = Trainer(
         model=model,
         student_cfg=model_cfg,
-        data=_data_module(data, source, train, dp_size, run_path),
+        data=data_module,
         train=train,
         optim=optim,
         parallel_cfg=parallel,
         run_dir=run_path,
         is_distillation=hasattr(model, "teacher_model"),
+        cached_teacher=None if cached is None else cached[1],
     )
     return trainer.fit()
 
@@ -110,7 +117,7 @@ def _check_common(train, optim, parallel_cfg) -> int:
 
 
 def distill(
-    teacher: str,
+    teacher: Optional[str] = None,
     student: Optional[ModelConfig] = None,
     student_checkpoint: Optional[str] = None,
     kd: Optional[KDConfig] = None,
@@ -120,8 +127,13 @@ def distill(
     parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/distill",
     export_hf: Optional[str] = None,
+    teacher_cache: Optional[str] = None,
 ) -> dict:
     """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
+
+    With `teacher_cache` (a directory written by `cache_teacher` for the same `data` and
+    `train`), the teacher's top-k log-probabilities come from the cache and no teacher is
+    loaded; `teacher` may then be omitted, or given to have the cache checked against it.
 
     `student` is the student architecture; if None it comes from `student_checkpoint`, or, with
     neither, is `default_student(teacher architecture)`. The student starts from
@@ -137,7 +149,25 @@ def distill(
     # Every check a user can fail runs before any process group or model exists.
     dp_size = _check_common(train, optim, parallel)
     kd.validate()
-    teacher_cfg = checkpoint.model_config_of(teacher)
+    caches = None
+    if teacher_cache:
+        if Path(output_dir).resolve() == Path(teacher_cache).resolve():
+            raise ConfigError("output_dir is the teacher_cache; choose another run directory")
+        caches = offline.open_caches(teacher_cache)
+        prov = caches["train"].meta.get("provenance", {})
+        teacher_cfg = ModelConfig.from_dict(prov["teacher_model"])
+        if kd.intermediate_pairs:
+            raise ConfigError(
+                "kd.intermediate_pairs need the teacher's hidden states, which a teacher cache "
+                "does not hold; drop them or distil from the teacher checkpoint"
+            )
+    elif teacher:
+        teacher_cfg = checkpoint.model_config_of(teacher)
+    else:
+        raise ConfigError(
+            "distill needs teacher= (a checkpoint or HF directory) or teacher_cache= (a "
+            "directory made by cache_teacher)"
+        )
     if student is None:
         student = (
             checkpoint.model_config_of(student_checkpoint)
@@ -157,6 +187,9 @@ def distill(
     )
     vocab = {"teacher": teacher_cfg.vocab_size, "student": student.vocab_size}
     source = data.resolve(vocab, train.seq_length)
+    cached = None
+    if caches is not None:
+        cached = _cached_teacher(caches, teacher, kd, student, data, train, source)
 
     run_path = Path(output_dir)
     dist.initialize(parallel, train.seed)
@@ -164,7 +197,8 @@ def distill(
         run_path,
         {
             "entry_point": "distill",
-            "teacher": str(teacher),
+            "teacher": str(teacher) if teacher else None,
+            "teacher_cache": str(teacher_cache) if teacher_cache else None,
             "teacher_model": teacher_cfg.to_dict(),
             "student_model": student.to_dict(),
             "student_checkpoint": student_checkpoint,
@@ -181,6 +215,10 @@ def distill(
     student_model = build_gpt(student, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype)
     if student_checkpoint:
         checkpoint.load_model(student_checkpoint, student_model, student, role="student")
+    if cached is not None:
+        summary = _fit(student_model, student, data, source, train, optim, parallel, run_path,
+                       dp_size, cached=cached)  # fmt: skip
+        return _export(export, summary, student, parallel)
     teacher_model = build_gpt(
         teacher_cfg, tensor_parallel=tp, pipeline_parallel=pp, params_dtype=dtype
     )
@@ -188,6 +226,106 @@ def distill(
     model = kd_lib.build_distillation_model(student_model, teacher_model, kd)
     summary = _fit(model, student, data, source, train, optim, parallel, run_path, dp_size)
     return _export(export, summary, student, parallel)
+
+
+def _cached_teacher(caches, teacher, kd, student, data, train, source):
+    """Check a teacher cache against this run (all but the sample stream, checked once the
+    datasets exist) and build the loss that reads it."""
+    prov = caches["train"].meta.get("provenance", {})
+    cache_vocab = caches["train"].meta["vocab_size"]
+    if student.vocab_size < cache_vocab:
+        raise ConfigError(
+            f"teacher cache ids go up to {cache_vocab - 1} but the student's vocabulary is "
+            f"{student.vocab_size}; make the cache with vocab_limit={student.vocab_size}"
+        )
+    if teacher:
+        checkpoint.model_config_of(teacher)  # exists and is readable
+    now = offline.provenance(
+        teacher or prov.get("teacher", ""), ModelConfig.from_dict(prov["teacher_model"]), None,
+        source, data, _samples(train), teacher_given=bool(teacher),
+    )  # fmt: skip
+    for split in offline.SPLITS:
+        caches[split].check(offline.expected(now, teacher, kd, train.seq_length))
+    return caches["train"], offline.CachedTeacher(caches, kd, cache_vocab)
+
+
+def _samples(train: TrainConfig) -> dict:
+    return {
+        "train": train.steps * train.global_batch_size,
+        "valid": train.val_batches * train.global_batch_size,
+    }
+
+
+def cache_teacher(
+    teacher: str,
+    output_dir: str,
+    k: int = 32,
+    temperature: float = 1.0,
+    data: Optional[DataConfig] = None,
+    train: Optional[TrainConfig] = None,
+    parallel: Optional[ParallelConfig] = None,
+    dtype: str = "float16",
+    vocab_limit: Optional[int] = None,
+    overwrite: bool = False,
+) -> dict:
+    """Run `teacher` once over every sample `distill` with the same `data` and `train` trains
+    and validates on, and store its top-`k` log-probabilities (at `temperature`) per position
+    in `output_dir` (float16, or float32 `dtype`; ids < `vocab_limit`, default the teacher's
+    vocabulary). Then `distill(teacher_cache=output_dir, ...)` needs no teacher in memory.
+    Tensor and data parallel as in `distill` (pipeline parallel is not supported here).
+    Returns {"cache", "bytes_per_position", "samples"}."""
+    import shutil
+
+    from distill_llm import teacher_cache as tc
+
+    data, train = data or DataConfig(), train or TrainConfig()
+    parallel = parallel or ParallelConfig()
+    dp_size = _check_common(train, OptimConfig(), parallel)
+    if parallel.pipeline_parallel > 1:
+        raise ConfigError(
+            "cache_teacher runs with pipeline_parallel=1; use tensor or data parallel"
+        )
+    if dtype not in tc.DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {', '.join(tc.DTYPES)}")
+    teacher_cfg = checkpoint.model_config_of(teacher)
+    limit = vocab_limit or teacher_cfg.vocab_size
+    if not 1 <= limit <= teacher_cfg.vocab_size:
+        raise ConfigError(
+            f"vocab_limit must be between 1 and the teacher's vocabulary {teacher_cfg.vocab_size}"
+            f", got {vocab_limit}"
+        )
+    if not 1 <= k <= limit:
+        raise ConfigError(f"k must be between 1 and the vocabulary size {limit}, got {k}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{output_dir} exists; choose a new directory or pass overwrite=True")
+    tp = parallel.tensor_parallel
+    teacher_cfg.validate(tp, 1, role="teacher")
+    kd_lib.check_seq_length(teacher_cfg, train.seq_length, "teacher")
+    source = data.resolve({"teacher": teacher_cfg.vocab_size}, train.seq_length)
+
+    dist.initialize(parallel, train.seed)
+    staging = out.with_name(f".{out.name}.tmp")
+    if dist.is_main() and staging.exists():
+        shutil.rmtree(staging)  # a crashed run's leftovers
+    dist.barrier()
+    model = build_gpt(teacher_cfg, tensor_parallel=tp, params_dtype=parallel.params_dtype)
+    checkpoint.load_model(teacher, model, teacher_cfg, role="teacher")
+    data_module = _data_module(data, source, train, dp_size, staging)
+    prov = offline.provenance(teacher, teacher_cfg, data_module, source, data, _samples(train))
+    offline.write(
+        model, limit, data_module, str(out), k=k, temperature=temperature, dtype=dtype,
+        prov=prov, overwrite=overwrite,
+    )  # fmt: skip
+    caches = offline.open_caches(str(out))
+    bpp = sum(c.meta["total_bytes"] for c in caches.values()) / sum(
+        c.meta["num_samples"] * c.meta["seq_length"] for c in caches.values()
+    )
+    if dist.is_main():
+        print(f"teacher cache written to {out}: k={k}, {bpp:.1f} bytes per position", flush=True)
+    return {"cache": str(out), "bytes_per_position": bpp, "samples": _samples(train)}
 
 
 def pretrain(

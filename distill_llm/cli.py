@@ -243,3 +243,6 @@ evaluate = _register(api.evaluate, "Held-out LM loss, perplexity and KL to the t
 preprocess = _register(preprocess_mod.preprocess, "Tokenize text into a .bin/.idx dataset.")
 import_hf = _register(hf.import_hf, "Convert a Hugging Face model directory to a checkpoint.")
 export_hf = _register(hf.export_hf, "Write a checkpoint as a Hugging Face model directory.")
+cache_teacher = _register(
+    api.cache_teacher, "Store a teacher's top-k log-probs over a run's data for distill."
+)

@@ -423,11 +423,16 @@ class DataModule:
         """This rank's training micro-batches, from the global batch at `consumed_samples` on."""
         while True:
             for idx in self.plan.indices(consumed_samples):
-                yield collate([self.train[i % len(self.train)] for i in idx])
+                yield _with_ids(self.train, [i % len(self.train) for i in idx])
             consumed_samples += self.plan.global_batch_size
 
     def valid_batches(self, num_global_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's validation micro-batches: the same fixed samples at every evaluation."""
         for g in range(num_global_batches):
             for idx in self.plan.indices(g * self.plan.global_batch_size):
-                yield collate([self.valid[i % len(self.valid)] for i in idx])
+                yield _with_ids(self.valid, [i % len(self.valid) for i in idx])
+
+
+def _with_ids(dataset, ids: list[int]) -> dict[str, torch.Tensor]:
+    """A micro-batch plus `sample_ids`, the dataset indices a teacher cache is keyed by."""
+    return {**collate([dataset[i] for i in ids]), "sample_ids": torch.tensor(ids)}

@@ -33,6 +33,11 @@ class KDConfig:
     # intermediate losses). None keeps ModelOpt's dynamic balancer (skip_lm_loss, kd_loss_scale).
     alpha: Optional[float] = None
     intermediate_weight: float = 1.0
+    # Positions per chunk of the logits loss: its temporaries and gradient are made one chunk at
+    # a time (memory-lean for big vocabularies; same values). None: all positions at once.
+    chunk_size: Optional[int] = None
+    # With distill(teacher_cache=...): the top-k the cache must hold (None: whatever it has).
+    cache_top_k: Optional[int] = None
     kd_loss_scale: float = 1.0  # with skip_lm_loss=False: KD weight after ModelOpt rescales it
     # to the LM loss's magnitude, so total = LM + kd_loss_scale x LM-sized KD
     intermediate_pairs: List[List[str]] = field(
@@ -49,6 +54,10 @@ class KDConfig:
             raise ConfigError(f"kd: {err}") from None
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"kd.alpha must be in [0, 1] (or None), got {self.alpha}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"kd.chunk_size must be >= 1 (or None), got {self.chunk_size}")
+        if self.cache_top_k is not None and self.cache_top_k < 1:
+            raise ConfigError(f"kd.cache_top_k must be >= 1 (or None), got {self.cache_top_k}")
         if not self.kd_loss_scale > 0:
             raise ConfigError(f"kd.kd_loss_scale must be > 0, got {self.kd_loss_scale}")
         for pair in self.intermediate_pairs:
@@ -301,9 +310,14 @@ def _logits_kd_loss(config, kd: KDConfig, shared_vocab: int):
                 group = parallel_state.get_tensor_model_parallel_group()
             predictions, targets = self.pre_forward(predictions, targets)
             predictions, targets = shared_vocab_logits(predictions, targets, shared_vocab, group)
-            per_token = losses.per_position(
-                kd.kind, predictions, targets, kd.temperature, kd.beta, group
-            )
+            if kd.chunk_size:
+                per_token = losses.chunked_per_position(
+                    kd.kind, predictions, targets, kd.temperature, kd.beta, group, kd.chunk_size
+                )
+            else:
+                per_token = losses.per_position(
+                    kd.kind, predictions, targets, kd.temperature, kd.beta, group
+                )
             if kd.temperature_squared:
                 per_token = per_token * kd.temperature**2
             return self.post_forward(per_token, tp_reduce=True)

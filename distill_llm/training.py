@@ -135,8 +135,21 @@ def _loss_func(loss_mask, distill_model, output_tensor):
     return total, tokens.int(), {"sums": report}
 
 
-def _forward_step(distill_model, data_iterator, model):
+def _cached_loss_func(batch, cached, student, output_tensor):
+    """Like `_loss_func`, for a student whose teacher is a cache (`output_tensor`: logits)."""
+    terms = cached.terms(student, output_tensor, batch, training=student.training)
+    tokens = batch["loss_mask"].sum().float()
+    report = torch.stack(
+        [terms["lm"].detach(), terms["logits"].detach(), terms["intermediate"].detach(), tokens]
+    )
+    return terms["total"], tokens.int(), {"sums": report}
+
+
+def _forward_step(distill_model, cached, data_iterator, model):
     batch = _to_device(next(data_iterator))
+    if cached is not None:  # logits out; the loss needs them with the cached teacher's
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(_cached_loss_func, batch, cached, distill_model)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"], distill_model)
 
@@ -172,6 +185,7 @@ class Trainer:
         parallel_cfg,
         run_dir: Path,
         is_distillation: bool,
+        cached_teacher=None,
     ):
         from megatron.core.distributed import finalize_model_grads
 
@@ -180,7 +194,8 @@ class Trainer:
         self.run_dir = run_dir
         self.student_cfg = student_cfg
         self.inner = model
-        self.is_distillation = is_distillation
+        self.is_distillation = is_distillation or cached_teacher is not None
+        self.cached_teacher = cached_teacher  # distill_llm.offline.CachedTeacher: no teacher model
         self.ddp = wrap_ddp(model, parallel_cfg)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, optim, train, parallel_cfg)
         config = model.config
@@ -229,7 +244,7 @@ class Trainer:
     def save_final(self) -> Path:
         """The student alone: no teacher, no optimizer, no KD projection layers."""
         target = self.run_dir / "final"
-        if self.is_distillation:
+        if self.is_distillation and self.cached_teacher is None:
             with self.inner.hide_loss_modules():
                 checkpoint.save_model(target, self.inner, self.student_cfg, step=self.step)
         else:
@@ -245,7 +260,11 @@ class Trainer:
             seq_length=self.train_cfg.seq_length, micro_batch_size=self.data.plan.micro_batch_size
         )
         extra = {}
-        if self.is_distillation and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if (
+            self.is_distillation
+            and self.cached_teacher is None
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1
+        ):
             from modelopt.torch.distill.plugins.megatron import (
                 get_tensor_shapes_adjust_fn_for_distillation,
             )
@@ -255,7 +274,11 @@ class Trainer:
                 [self.ddp], decoder_seq_length=self.train_cfg.seq_length, **shapes
             )
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.inner if self.is_distillation else None),
+            forward_step_func=partial(
+                _forward_step,
+                self.inner if self.is_distillation else None,
+                self.cached_teacher,
+            ),
             data_iterator=iterator,
             model=[self.ddp],
             num_microbatches=num_microbatches,

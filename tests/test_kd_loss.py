@@ -44,11 +44,12 @@ def _models(seed=21):
     return student, teacher
 
 
+@pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("skip_lm_loss", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind):
+def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, chunk_size):
     tokens, labels, mask, pos = _batch()
     student, teacher = _models()
     with torch.no_grad():
@@ -60,7 +61,11 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind):
     student.zero_grad()
 
     model = kd.build_distillation_model(
-        student, teacher, kd.KDConfig(skip_lm_loss=skip_lm_loss, temperature=temperature, kind=kind)
+        student,
+        teacher,
+        kd.KDConfig(
+            skip_lm_loss=skip_lm_loss, temperature=temperature, kind=kind, chunk_size=chunk_size
+        ),
     )
     model.train(training)
     per_token = model(tokens, pos, None, labels=labels)

@@ -20,8 +20,10 @@ def runs(tmp_path_factory):
         kd=dict(skip_lm_loss=False, temperature=2.0),
         train=train_cfg(steps=4, val_every=2),
     )
-    # another loss kind through the same vocabulary-parallel path
-    jsd = dict(common, kd=dict(skip_lm_loss=True, kind="jsd", beta=0.3, temperature=2.0))
+    # another loss kind through the chunked vocabulary-parallel path
+    jsd = dict(
+        common, kd=dict(skip_lm_loss=True, kind="jsd", beta=0.3, temperature=2.0, chunk_size=5)
+    )
     # a teacher with 100 more vocabulary rows (padded 1152 at TP=1, 1280 at TP=2; the student
     # 1024 at both): the TP shards cover different ids, so the loss aligns them
     wide = dict(common, teacher=str(tmp / "wide_teacher"))
