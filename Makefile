@@ -46,6 +46,8 @@ bench: setup
 	$(PY) bench/preprocess.py
 	$(PY) bench/hf_convert.py
 	$(PY) bench/kd_loss_memory.py
+	@test -d runs/quickstart/seed1234/teacher/final || $(PY) -m distill_llm.quickstart
+	$(PY) bench/offline_teacher.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
