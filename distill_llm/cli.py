@@ -30,6 +30,7 @@ from distill_llm.recipes import (  # noqa: F401
     models,
     qwen25_7b_to_qwen25_1p5b,
     tiny,
+    tiny_cache,
     tiny_teacher,
     training,
 )

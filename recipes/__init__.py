@@ -4,10 +4,16 @@
   Mistral 7B) and tiny CPU-sized ones, as `run.Config[ModelConfig]`.
 - `training`: the KD loss, optimizer and schedule, training length and batches, parallel layout.
 - `data`: the data module (weighted prefixes or mock data).
-- one module per complete recipe (`run.Partial` of `distill` or `pretrain`): `tiny`,
-  `tiny_teacher`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`.
+- one module per complete recipe (`run.Partial` of `distill`, `pretrain` or `cache_teacher`):
+  `tiny`, `tiny_teacher`, `tiny_cache`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`.
 
 Factories only build configs: no training, no I/O at import.
 """
 
-RECIPES = ("tiny", "tiny_teacher", "llama31_8b_to_llama32_1b", "qwen25_7b_to_qwen25_1p5b")
+RECIPES = (
+    "tiny",
+    "tiny_teacher",
+    "tiny_cache",
+    "llama31_8b_to_llama32_1b",
+    "qwen25_7b_to_qwen25_1p5b",
+)

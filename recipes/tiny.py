@@ -5,6 +5,8 @@ CLI:
     nemo distill_llm distill --factory tiny --yes
     nemo distill_llm distill --factory tiny train.steps=50 kd.temperature=2.0 --yes
     nemo distill_llm distill --factory tiny run.executor=local run.executor.devices=2 --yes
+    # no teacher in memory: from the cache the `tiny_cache` recipe writes
+    nemo distill_llm distill --factory tiny teacher=None teacher_cache=runs/tiny/teacher_cache --yes
 Python:
     import nemo_run as run
     from distill_llm.executors import local
@@ -14,33 +16,47 @@ Script:
     python recipes/tiny.py train.steps=50 --yes
 """
 
+from typing import Optional
+
 import nemo_run as run
 
 from distill_llm.api import distill
 from distill_llm.recipes import data, models, training
 
 NAME = "tiny"
+TEMPERATURE = 1.0
+
+
+def train_config(steps: int) -> run.Config:
+    """Training length and batches (the `tiny_cache` recipe caches these very samples)."""
+    return training.trainer(
+        steps=steps,
+        micro_batch_size=4,
+        global_batch_size=8,
+        seq_length=128,
+        val_every=max(steps // 3, 1),
+        save_every=0,
+    )
 
 
 @run.cli.factory(target=distill, name=NAME)
 def recipe(
-    teacher: str = "runs/tiny/teacher/final", output_dir: str = "runs/tiny/distill", steps: int = 30
+    teacher: Optional[str] = "runs/tiny/teacher/final",
+    output_dir: str = "runs/tiny/distill",
+    steps: int = 30,
+    teacher_cache: Optional[str] = None,
 ) -> run.Partial:
-    """KD of `tiny_student` from the tiny teacher checkpoint at `teacher`, on mock data."""
+    """KD of `tiny_student` from the tiny teacher checkpoint at `teacher`, on mock data (or,
+    with `teacher_cache` and teacher=None, from the cache the `tiny_cache` recipe wrote, with no
+    teacher in memory; with both, the cache is checked against the teacher)."""
     return run.Partial(
         distill,
         teacher=teacher,
+        teacher_cache=teacher_cache,
         student=models.tiny_student(),
-        kd=training.kd_loss(temperature=1.0, skip_lm_loss=True),
+        kd=training.kd_loss(temperature=TEMPERATURE, skip_lm_loss=True),
         data=data.mock(),
-        train=training.trainer(
-            steps=steps,
-            micro_batch_size=4,
-            global_batch_size=8,
-            seq_length=128,
-            val_every=max(steps // 3, 1),
-            save_every=0,
-        ),  # fmt: skip
+        train=train_config(steps),
         optim=training.adamw_cosine(lr=2e-3, min_lr=2e-4, warmup_steps=5),
         parallel=training.layout(tensor_parallel=1, precision="fp32", distributed_optimizer=False),
         output_dir=output_dir,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import fiddle as fdl
 import pytest
+import yaml
 from conftest import ROOT
 
 from distill_llm import kd
@@ -44,6 +45,12 @@ def test_every_recipe_builds_a_consistent_config(name):
     """Full config built (no model instantiated); the layout fits the worlds it targets."""
     module = importlib.import_module(f"distill_llm.recipes.{name}")
     args = fdl.build(module.recipe()).keywords
+    if name == "tiny_cache":  # caches exactly the samples and temperature of the tiny recipe
+        served = fdl.build(importlib.import_module("distill_llm.recipes.tiny").recipe()).keywords
+        assert args["train"] == served["train"] and args["data"] == served["data"]
+        assert args["temperature"] == served["kd"].temperature
+        assert args["teacher"] == served["teacher"]
+        return
     par, train = args["parallel"], args["train"]
     tp, pp = par.tensor_parallel, par.pipeline_parallel
     worlds = [1, 2] if name.startswith("tiny") else [8, 16, 32]  # processes: CPU / 8-GPU nodes
@@ -95,7 +102,7 @@ def git_repo(tmp_path_factory):
 
 def test_dryrun_of_every_recipe(git_repo, tmp_path):
     for name in RECIPES:
-        entry = "pretrain" if name == "tiny_teacher" else "distill"
+        entry = {"tiny_teacher": "pretrain", "tiny_cache": "cache_teacher"}.get(name, "distill")
         # the tiny ones in this process, the 8-GPU ones as a one-node Slurm job
         where = [] if name.startswith("tiny") else ["run.executor=slurm", "run.executor.account=a"]
         out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path)
@@ -227,6 +234,36 @@ def test_local_torchrun_run_and_failure(git_repo, tmp_path, tiny_teacher):
     assert bad.returncode == 1
     assert "job distill ended FAILED" in bad.stderr
     assert "/nonexistent/prefix.bin is missing" in bad.stderr  # from the job's own log
+
+
+def test_cache_teacher_then_distill_without_the_teacher(git_repo, tmp_path, tiny_teacher):
+    """The two commands of the README's offline-teacher section, for real (in-process)."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    out = _nemo(
+        ["cache_teacher", "--factory", "tiny_cache", f"teacher={tiny_teacher}",
+         f"output_dir={cache}", "train.steps=3", "--yes"],
+        git_repo, tmp_path / "home",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "cache_teacher: SUCCEEDED" in out.stdout and (cache / "train/cache.json").is_file()
+    out = _nemo(
+        ["distill", "--factory", "tiny", "teacher=None", f"teacher_cache={cache}",
+         f"output_dir={run_dir}", "train.steps=3", "--yes"],
+        git_repo, tmp_path / "home",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["teacher"] is None and config["teacher_cache"] == str(cache)
+    steps = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["kd_loss"] > 0 for e in steps if e["kind"] == "train"] == [True] * 3
+    # the same cache with another number of steps: refused before anything runs
+    out = _nemo(
+        ["distill", "--factory", "tiny", "teacher=None", f"teacher_cache={cache}",
+         f"output_dir={tmp_path / 'r2'}", "train.steps=4", "--yes"],
+        git_repo, tmp_path / "home",
+    )  # fmt: skip
+    assert out.returncode != 0 and "samples=" in out.stdout + out.stderr
+    assert not (tmp_path / "r2").exists()
 
 
 DOCKER_CAPTURE = """
