@@ -56,12 +56,11 @@ def runs(tmp_path_factory):
     run_worker(
         tmp,
         [
-            distill(
-                "cached_exact_tp2",
-                exact,
-                teacher_cache=str(tmp / "full"),
-                parallel=dict(tensor_parallel=2),
-            ),  # fmt: skip
+            distill("cached_exact_tp2", exact, teacher_cache=str(tmp / "full"),
+                    parallel=dict(tensor_parallel=2)),  # fmt: skip
+            distill("cached_exact_dp2", exact, teacher_cache=str(tmp / "full")),
+            distill("cached_exact_pp2", exact, teacher_cache=str(tmp / "full"),
+                    parallel=dict(pipeline_parallel=2)),  # fmt: skip
             cache("k32_dp2", k=32, temperature=1.0),
         ],
         nproc=2,
@@ -74,10 +73,12 @@ def _series(run_dir, kind, keys):
     return torch.tensor(rows, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("cached", ["cached_exact", "cached_exact_tp2"])
+@pytest.mark.parametrize(
+    "cached", ["cached_exact", "cached_exact_tp2", "cached_exact_dp2", "cached_exact_pp2"]
+)
 def test_cache_of_the_whole_vocabulary_trains_like_the_online_teacher(runs, cached):
     """k = vocabulary, float32: the same per-step losses and gradient norms as online KD
-    (T=2, LM + balanced KD), in one process and at TP=2 (a cache made at TP=1)."""
+    (T=2, LM + balanced KD), in one process and at TP=2, DP=2 and PP=2 (a cache made by one)."""
     for kind, keys in (
         ("train", ["step", "lm_loss", "kd_loss", "grad_norm"]),
         ("valid", ["step", "val_lm_loss", "val_kd_loss"]),
