@@ -21,11 +21,15 @@ def kd_loss(
     beta: float = 0.5,
     alpha: Optional[float] = None,
     intermediate_weight: float = 1.0,
+    chunk_size: Optional[int] = None,
+    cache_top_k: Optional[int] = None,
 ) -> run.Config[KDConfig]:
     """Logits KD (`kind`: forward_kl, reverse_kl, jsd with `beta`, tvd; at `temperature`, times
     T^2 unless `temperature_squared=False`), alone or with the student's LM loss: statically,
     (1 - alpha) LM + alpha KD, or with ModelOpt's dynamic balancer (`alpha=None`,
-    `skip_lm_loss=False`, weighted by `kd_loss_scale`); plus optional intermediate pairs."""
+    `skip_lm_loss=False`, weighted by `kd_loss_scale`); plus optional intermediate pairs.
+    `chunk_size`: positions per chunk of the logits loss (memory-lean for big vocabularies);
+    `cache_top_k`: with a teacher cache, the k it must hold."""
     return run.Config(
         KDConfig,
         kind=kind,
@@ -37,6 +41,8 @@ def kd_loss(
         kd_loss_scale=kd_loss_scale,
         intermediate_pairs=list(intermediate_pairs or []),
         intermediate_weight=intermediate_weight,
+        chunk_size=chunk_size,
+        cache_top_k=cache_top_k,
     )
 
 
@@ -74,13 +80,17 @@ def trainer(
 
 @run.cli.factory
 def layout(
-    tensor_parallel: int = 1, precision: str = "bf16", distributed_optimizer: bool = True
+    tensor_parallel: int = 1,
+    precision: str = "bf16",
+    distributed_optimizer: bool = True,
+    pipeline_parallel: int = 1,
 ) -> run.Config[ParallelConfig]:
-    """Tensor-parallel size (the rest of the processes are data parallel), precision, and
-    whether optimizer states are sharded over data-parallel ranks."""
+    """Tensor- and pipeline-parallel sizes (the rest of the processes are data parallel),
+    precision, and whether optimizer states are sharded over data-parallel ranks."""
     return run.Config(
         ParallelConfig,
         tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
         precision=precision,
         use_distributed_optimizer=distributed_optimizer,
     )
@@ -89,9 +99,11 @@ def layout(
 def gpu_kd_settings(steps: int) -> dict:
     """What the published-model recipes share: logits KD at T=1 on the KD loss alone, data
     from `data.paths`, 4096-token sequences, global batch 128, AdamW 1e-4 with cosine decay,
-    TP=2 in bf16 with the distributed optimizer (8 GPUs per node)."""
+    TP=2 in bf16 with the distributed optimizer (8 GPUs per node). The logits loss runs 1024
+    positions at a time: the 128k-256k vocabularies make each full-vocabulary float32 copy of a
+    4096-token micro-batch 1-2 GiB per TP rank."""
     return dict(
-        kd=kd_loss(temperature=1.0, skip_lm_loss=True),
+        kd=kd_loss(temperature=1.0, skip_lm_loss=True, chunk_size=1024),
         data=data.blend(),
         train=trainer(
             steps=steps,
