@@ -44,6 +44,21 @@ def _models(seed=21):
     return student, teacher
 
 
+def _grads_of(student, loss) -> dict:
+    """The student's parameter gradients of `loss`, cleared from the student afterwards."""
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    return grads
+
+
+def _assert_grads(model, want: dict) -> None:
+    """The wrapper's trainable student parameters carry the gradients `want`."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in want:
+            torch.testing.assert_close(param.grad, want[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 7])
 @pytest.mark.parametrize("skip_lm_loss", [True, False])
 @pytest.mark.parametrize("training", [True, False])
@@ -56,9 +71,7 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
         t_logits = teacher(tokens, pos, None)
     s_logits = student(tokens, pos, None)
     want_kd, want_ce = _independent(s_logits, t_logits, labels, mask, temperature, kind)
-    want_kd.backward()
-    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
-    student.zero_grad()
+    want_grads = _grads_of(student, want_kd)
 
     model = kd.build_distillation_model(
         student,
@@ -81,9 +94,7 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
         torch.testing.assert_close(terms["total"], 2 * lm_sum, rtol=1e-6, atol=0)
     if training and skip_lm_loss:
         (terms["total"] / n).backward()
-        for name, param in model.named_parameters():
-            if param.requires_grad and name in want_grads:
-                torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+        _assert_grads(model, want_grads)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -94,9 +105,7 @@ def test_static_mixing_weights_lm_and_kd(alpha):
     with torch.no_grad():
         t_logits = teacher(tokens, pos, None)
     want_kd, want_ce = _independent(student(tokens, pos, None), t_logits, labels, mask, 2.0)
-    ((1 - alpha) * want_ce + alpha * want_kd).backward()
-    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
-    student.zero_grad()
+    want_grads = _grads_of(student, ((1 - alpha) * want_ce + alpha * want_kd))
     model = kd.build_distillation_model(student, teacher, kd.KDConfig(alpha=alpha, temperature=2.0))
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
@@ -106,9 +115,7 @@ def test_static_mixing_weights_lm_and_kd(alpha):
     want_total = (1 - alpha) * want_ce + alpha * want_kd
     torch.testing.assert_close(terms["total"].double() / n, want_total, rtol=0, atol=1e-5)
     (terms["total"] / n).backward()
-    for name, param in model.named_parameters():
-        if param.requires_grad and name in want_grads:
-            torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+    _assert_grads(model, want_grads)
 
 
 def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():
@@ -159,9 +166,7 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind):
     s_logits = student(tokens, pos, None)
     assert t_logits.shape[-1] == 1152 and s_logits.shape[-1] == 1024
     want_kd, _ = _independent(s_logits, t_logits, labels, mask, 2.0, kind)
-    want_kd.backward()
-    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
-    student.zero_grad()
+    want_grads = _grads_of(student, want_kd)
     model = kd.build_distillation_model(
         student,
         teacher,
@@ -174,9 +179,7 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind):
     if kind == "forward_kl":
         torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)
         (terms["total"] / n).backward()
-        for name, param in model.named_parameters():
-            if param.requires_grad and name in want_grads:
-                torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-6)
+        _assert_grads(model, want_grads)
     else:
         want = reference(kind, s_logits[..., :1000], t_logits[..., :1000], temperature=2.0,
                          beta=0.4, mask=mask)  # fmt: skip
