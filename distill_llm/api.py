@@ -308,8 +308,10 @@ def cache_teacher(
 
     dist.initialize(parallel, train.seed)
     staging = out.with_name(f".{out.name}.tmp")
-    if dist.is_main() and staging.exists():
-        shutil.rmtree(staging)  # a crashed run's leftovers
+    if dist.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)  # a crashed run's leftovers
     dist.barrier()
     model = build_gpt(teacher_cfg, tensor_parallel=tp, params_dtype=parallel.params_dtype)
     checkpoint.load_model(teacher, model, teacher_cfg, role="teacher")
