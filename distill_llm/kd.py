@@ -36,6 +36,10 @@ class KDConfig:
     # Positions per chunk of the logits loss: its temporaries and gradient are made one chunk at
     # a time (memory-lean for big vocabularies; same values). None: all positions at once.
     chunk_size: Optional[int] = None
+    # Compute the logits loss from the student's last hidden states and output-layer weight,
+    # chunk_size (default 256) positions at a time, so the student's logits are never built.
+    # KD-only training (skip_lm_loss / alpha=1): the LM loss is then logged without gradient.
+    fused_output_layer: bool = False
     # With distill(teacher_cache=...): the top-k the cache must hold (None: whatever it has).
     cache_top_k: Optional[int] = None
     kd_loss_scale: float = 1.0  # with skip_lm_loss=False: KD weight after ModelOpt rescales it
@@ -58,6 +62,13 @@ class KDConfig:
             raise ConfigError(f"kd.chunk_size must be >= 1 (or None), got {self.chunk_size}")
         if self.cache_top_k is not None and self.cache_top_k < 1:
             raise ConfigError(f"kd.cache_top_k must be >= 1 (or None), got {self.cache_top_k}")
+        lm_in_loss = self.alpha < 1.0 if self.alpha is not None else not self.skip_lm_loss
+        if self.fused_output_layer and lm_in_loss:
+            raise ConfigError(
+                "kd.fused_output_layer trains on the KD loss alone (the LM loss needs the "
+                "student's logits): set kd.skip_lm_loss=True and kd.alpha=None or 1.0, or drop "
+                "fused_output_layer"
+            )
         if not self.kd_loss_scale > 0:
             raise ConfigError(f"kd.kd_loss_scale must be > 0, got {self.kd_loss_scale}")
         for pair in self.intermediate_pairs:
@@ -165,6 +176,32 @@ def check_seq_length(model: ModelConfig, seq_length: int, role: str) -> None:
         )
 
 
+def _fuse_output_layer(student, chunk_size: int):
+    """Make the student's output layer hand on its input hidden states instead of logits
+    (keeping the weight it would have used), and compute the student's LM loss from them
+    chunk by chunk, without gradient (for logging: fused KD trains on the KD loss alone)."""
+    from megatron.core import parallel_state
+
+    layer = student.output_layer
+
+    def hidden_out(self, input_, weight=None, runtime_gather_output=None):
+        self.kd_weight = self.weight if weight is None else weight
+        return input_, None
+
+    layer.forward = MethodType(hidden_out, layer)
+
+    def lm_loss_from_hidden(self, labels, hidden):  # hidden [s, b, h] -> loss [b, s]
+        group = None
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            group = parallel_state.get_tensor_model_parallel_group()
+        ce = losses.chunked_cross_entropy(
+            hidden.detach(), layer.kd_weight.detach(), labels.transpose(0, 1), group, chunk_size
+        )
+        return ce.transpose(0, 1).contiguous()
+
+    return lm_loss_from_hidden
+
+
 def _guarded_lm_loss(skip_lm_loss: bool):
     """The student's `compute_language_model_loss`, made safe for distillation.
 
@@ -223,7 +260,8 @@ def build_distillation_model(student, teacher, kd: KDConfig):
     logits_key = tuple(cfg.logit_layers)
     if logits_key in cfg.criterion:  # the last pipeline stage: our loss kinds replace ModelOpt's
         shared = min(_real_vocab(student), _real_vocab(teacher))
-        cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd, shared)
+        output_layer = student.output_layer if kd.fused_output_layer else None
+        cfg.criterion[logits_key] = _logits_kd_loss(student.config, kd, shared, output_layer)
     if kd.alpha is not None:
         cfg.loss_balancer = _static_mix(kd.alpha, kd.intermediate_weight)
     teacher.eval()
@@ -242,7 +280,11 @@ def build_distillation_model(student, teacher, kd: KDConfig):
         ],
     )
     mtd_mcore.adjust_distillation_model_for_mcore(model, cfg)
-    model.compute_language_model_loss = MethodType(_guarded_lm_loss(skip_lm_loss), model)
+    if kd.fused_output_layer and getattr(student, "post_process", True):
+        lm_loss = _fuse_output_layer(student, kd.chunk_size or FUSED_CHUNK)
+    else:
+        lm_loss = _guarded_lm_loss(skip_lm_loss)
+    model.compute_language_model_loss = MethodType(lm_loss, model)
     return model
 
 
@@ -260,44 +302,58 @@ def _real_vocab(model) -> int:
     return getattr(model, "real_vocab_size", model.vocab_size)
 
 
-# A logit that gives probability exactly 0 (exp underflows) yet keeps every later operation
-# finite: -inf would turn some gradients (logaddexp, 0 x inf) into NaN.
-_EXCLUDED_LOGIT = -1e30
+def align_teacher(teacher, local_s: int, shared: int, group=None):
+    """The teacher's logits for the ids of this rank's student shard (`local_s` ids from
+    rank x local_s on) and how many of them count: `(teacher [..., local_s], real)`, with ids
+    from `real` on (padding rows, or ids one model lacks) set to probability 0 (`real` None:
+    all count). Under TP with different vocabulary sizes the shards cover different ids, so
+    the teacher's full logits are gathered (no gradient) and this rank's range cut from them."""
+    tp = 1 if group is None else torch.distributed.get_world_size(group)
+    start = 0 if tp == 1 else torch.distributed.get_rank(group) * local_s
+    if teacher.shape[-1] != local_s:
+        full = teacher
+        if tp > 1:
+            pieces = [torch.empty_like(teacher) for _ in range(tp)]
+            torch.distributed.all_gather(pieces, teacher.contiguous(), group=group)
+            full = torch.cat(pieces, dim=-1)
+        full = full[..., start : start + local_s]
+        shape = (*teacher.shape[:-1], local_s)
+        teacher = full.new_full(shape, losses.EXCLUDED_LOGIT, dtype=torch.float32)
+        teacher[..., : full.shape[-1]] = full
+    real = max(0, min(local_s, shared - start))
+    if real == local_s:
+        return teacher, None
+    excluded = torch.arange(local_s, device=teacher.device) >= real
+    return teacher.float().masked_fill(excluded, losses.EXCLUDED_LOGIT), real
 
 
 def shared_vocab_logits(student, teacher, shared: int, group=None):
     """This rank's student and teacher logit shards `[..., V_student/TP]` and
     `[..., V_teacher/TP]`, aligned on the student's ids; ids >= `shared` (padding rows, or ids
     one model lacks) get a logit of probability 0 in both, so no loss or gradient reaches them.
-
-    Same sizes with no padding in use: returned as they are. At TP=1: both cut to `shared`.
-    Under TP with different sizes the shards cover different ids, so the teacher's full logits
-    are gathered (no gradient) and this rank's student range cut from them."""
+    Same sizes with no padding in use: returned as they are; at TP=1 both are cut to `shared`."""
     tp = 1 if group is None else torch.distributed.get_world_size(group)
-    local_s, local_t = student.shape[-1], teacher.shape[-1]
+    local_s = student.shape[-1]
     if tp == 1:
-        if local_s == local_t == shared:
+        if local_s == teacher.shape[-1] == shared:
             return student, teacher
         return student[..., :shared], teacher[..., :shared]
-    start = torch.distributed.get_rank(group) * local_s
-    if local_s != local_t:
-        pieces = [torch.empty_like(teacher) for _ in range(tp)]
-        torch.distributed.all_gather(pieces, teacher.contiguous(), group=group)
-        full = torch.cat(pieces, dim=-1)[..., start : start + local_s]
-        teacher = full.new_full(student.shape, _EXCLUDED_LOGIT, dtype=torch.float32)
-        teacher[..., : full.shape[-1]] = full
-    real = max(0, min(local_s, shared - start))
-    if real < local_s:
+    teacher, real = align_teacher(teacher, local_s, shared, group)
+    if real is not None:
         excluded = torch.arange(local_s, device=student.device) >= real
-        student = student.float().masked_fill(excluded, _EXCLUDED_LOGIT)
-        teacher = teacher.float().masked_fill(excluded, _EXCLUDED_LOGIT)
+        student = student.float().masked_fill(excluded, losses.EXCLUDED_LOGIT)
     return student, teacher
 
 
-def _logits_kd_loss(config, kd: KDConfig, shared_vocab: int):
+FUSED_CHUNK = 256  # positions per chunk of the fused loss when kd.chunk_size is None
+
+
+def _logits_kd_loss(config, kd: KDConfig, shared_vocab: int, output_layer=None):
     """A ModelOpt Megatron criterion computing `kd.kind` over vocabulary-parallel logits, on
-    the ids below `shared_vocab`."""
+    the ids below `shared_vocab`; with the student's `output_layer` (fused mode) the student's
+    side arrives as hidden states and the logits are made chunk by chunk inside the loss."""
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
     from modelopt.torch.distill.plugins.megatron import BaseLoss
 
     class LogitsKDLoss(BaseLoss):  # "Logits" in the name: ModelOpt's balancer looks for it
@@ -309,6 +365,19 @@ def _logits_kd_loss(config, kd: KDConfig, shared_vocab: int):
             if parallel_state.get_tensor_model_parallel_world_size() > 1:
                 group = parallel_state.get_tensor_model_parallel_group()
             predictions, targets = self.pre_forward(predictions, targets)
+            if output_layer is not None:  # predictions: the student's hidden states [s, b, h]
+                weight = output_layer.kd_weight
+                targets, real = align_teacher(targets, weight.shape[0], shared_vocab, group)
+                hidden = predictions
+                if group is not None:  # its backward adds the ranks' hidden-state gradients
+                    hidden = copy_to_tensor_model_parallel_region(predictions)
+                per_token = losses.fused_per_position(
+                    kd.kind, hidden, weight, targets, kd.temperature, kd.beta, group,
+                    kd.chunk_size or FUSED_CHUNK, real,
+                )  # fmt: skip
+                if kd.temperature_squared:
+                    per_token = per_token * kd.temperature**2
+                return self.post_forward(per_token, tp_reduce=True)
             predictions, targets = shared_vocab_logits(predictions, targets, shared_vocab, group)
             if kd.chunk_size:
                 per_token = losses.chunked_per_position(

@@ -364,3 +364,117 @@ def kd_loss_fused(
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     return _FusedOutput.apply(hidden, weight, teacher_logits.detach(), weights, kind,
                               temperature, beta, chunk_size, needs)  # fmt: skip
+
+
+# A logit of probability exactly 0 that keeps every later operation finite (-inf would turn
+# some gradients, logaddexp's or 0 x inf, into NaN).
+EXCLUDED_LOGIT = -1e30
+
+
+def _chunk_logits(hidden, weight, real: Optional[int]) -> torch.Tensor:
+    """float32 logits `hidden @ weight.T` of a chunk, ids from `real` on excluded."""
+    z = (hidden @ weight.T).float()
+    if real is not None and real < z.shape[-1]:
+        z[:, real:] = EXCLUDED_LOGIT
+    return z
+
+
+class _FusedRows(torch.autograd.Function):
+    """Per-position divergence rows of the logits `hidden @ weight.T`, `chunk` positions at a
+    time. The backward recomputes each chunk's logits and scales its gradient by the rows'
+    incoming gradient, so neither the logits nor their gradient ever exist in full."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher, kind, temperature, beta, group, chunk, real):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        t2 = teacher.reshape(-1, teacher.shape[-1])
+        rows = torch.empty(h2.shape[0], dtype=torch.float32, device=hidden.device)
+        for i in range(0, h2.shape[0], chunk):
+            piece = slice(i, i + chunk)
+            z = _chunk_logits(h2[piece], weight, real)
+            rows[piece] = per_position(kind, z, t2[piece], temperature, beta, group)
+        ctx.save_for_backward(hidden, weight, teacher)
+        ctx.how = (kind, temperature, beta, group, chunk, real)
+        return rows.view(hidden.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hidden, weight, teacher = ctx.saved_tensors
+        kind, temperature, beta, group, chunk, real = ctx.how
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        t2 = teacher.reshape(-1, teacher.shape[-1])
+        g_rows = grad_rows.reshape(-1).float()
+        grad_h = torch.empty_like(h2)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # many chunks: accumulate in fp32
+        for i in range(0, h2.shape[0], chunk):
+            piece = slice(i, i + chunk)
+            z = _chunk_logits(h2[piece], weight, real)
+            _, g = _rows_and_grad(kind, z, t2[piece], temperature, beta, g_rows[piece], group)
+            if real is not None and real < g.shape[-1]:
+                g[:, real:] = 0.0
+            grad_h[piece] = (g @ weight.float()).to(hidden.dtype)
+            grad_w.addmm_(g.T, h2[piece].float())
+        grad_h = grad_h.view(hidden.shape)
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def fused_per_position(
+    kind: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    beta: float,
+    group=None,
+    chunk_size: int = 256,
+    real: Optional[int] = None,
+) -> torch.Tensor:
+    """`per_position(kind, hidden @ weight.T, teacher, ...)` without the student's logits.
+
+    hidden: the student's last hidden states `[..., h]`; weight: its output layer `[vocab, h]`
+    (with a tensor-parallel `group`: this rank's vocabulary shard `[vocab / TP, h]`, and
+    `teacher` this rank's shard `[..., vocab / TP]`). `real`: ids of this shard from `real` on
+    are excluded (probability 0 for both models; None: all count). Returns float32 rows
+    `hidden.shape[:-1]` (no T^2, no mask; with a `group`, this rank's part of the sum).
+
+    Differentiable with respect to `hidden` and `weight`; the backward recomputes each chunk's
+    logits (one more matrix product per chunk) instead of keeping anything logits-sized. With a
+    `group`, the hidden-state gradient returned is this rank's part: the caller passes `hidden`
+    through Megatron's copy-to-tensor-parallel region, whose backward adds the parts; the rows'
+    upstream weights must be the same on every rank (as in chunked_per_position).
+    """
+    check_settings(kind, temperature, beta)
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if weight.shape[0] != teacher.shape[-1] or hidden.shape[:-1] != teacher.shape[:-1]:
+        raise ConfigError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and teacher logits "
+            f"{tuple(teacher.shape)} do not fit together"
+        )
+    return _FusedRows.apply(
+        hidden, weight, teacher.detach(), kind, temperature, beta, group, chunk_size, real
+    )
+
+
+@torch.no_grad()
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group=None, chunk_size=256
+) -> torch.Tensor:
+    """The cross entropy of `labels` under the logits `hidden @ weight.T` (no gradient),
+    `chunk_size` positions at a time: `hidden` `[..., h]`, `weight` `[vocab, h]` (this rank's
+    vocabulary shard under a TP `group`), `labels` of shape `hidden.shape[:-1]`."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    start = torch.distributed.get_rank(group) * weight.shape[0] if _sharded(group) else 0
+    out = torch.empty(h2.shape[0], dtype=torch.float32, device=hidden.device)
+    for i in range(0, h2.shape[0], chunk_size):
+        piece = slice(i, i + chunk_size)
+        log_p = log_softmax(_chunk_logits(h2[piece], weight, None), group)
+        local = y[piece] - start
+        here = (local >= 0) & (local < weight.shape[0])
+        picked = log_p.gather(-1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0]
+        picked = torch.where(here, picked, torch.zeros_like(picked))
+        if _sharded(group):
+            torch.distributed.all_reduce(picked, group=group)
+        out[piece] = -picked
+    return out.view(labels.shape)

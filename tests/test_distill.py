@@ -196,6 +196,11 @@ def test_bad_kd_and_batch_settings_are_refused(teacher_dir, tmp_path):
         (KDConfig(kind="kl"), "kd: KD loss kind 'kl' is unknown; choose one of forward_kl"),
         (KDConfig(kind="jsd", beta=0.0), "kd: jsd needs 0 < beta < 1, got 0.0"),
         (KDConfig(alpha=1.5), "kd.alpha must be in [0, 1] (or None), got 1.5"),
+        (KDConfig(chunk_size=0), "kd.chunk_size must be >= 1 (or None), got 0"),
+        (
+            KDConfig(fused_output_layer=True, alpha=0.5),
+            "kd.fused_output_layer trains on the KD loss alone",
+        ),
     ):
         assert expected in _error(teacher=teacher_dir, kd=kd, output_dir=str(tmp_path / "r"))
     msg = _error(

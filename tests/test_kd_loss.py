@@ -59,12 +59,21 @@ def _assert_grads(model, want: dict) -> None:
             torch.testing.assert_close(param.grad, want[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7])
-@pytest.mark.parametrize("skip_lm_loss", [True, False])
+# How the logits loss runs: all positions at once, 7 at a time, or 7 at a time fused with the
+# student's output layer (KD-only training, so with skip_lm_loss only).
+VARIANTS = [
+    (variant, skip_lm_loss)
+    for variant in ("plain", "chunked", "fused")
+    for skip_lm_loss in (True, False)
+    if not (variant == "fused" and not skip_lm_loss)
+]
+
+
+@pytest.mark.parametrize("variant, skip_lm_loss", VARIANTS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, chunk_size):
+def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, variant):
     tokens, labels, mask, pos = _batch()
     student, teacher = _models()
     with torch.no_grad():
@@ -77,7 +86,11 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
         student,
         teacher,
         kd.KDConfig(
-            skip_lm_loss=skip_lm_loss, temperature=temperature, kind=kind, chunk_size=chunk_size
+            skip_lm_loss=skip_lm_loss,
+            temperature=temperature,
+            kind=kind,
+            chunk_size=None if variant == "plain" else 7,
+            fused_output_layer=variant == "fused",
         ),
     )
     model.train(training)
@@ -153,8 +166,9 @@ def test_intermediate_pairs_are_logged_and_validated():
         )
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_different_vocab_sizes_use_the_shared_vocabulary(kind):
+def test_different_vocab_sizes_use_the_shared_vocabulary(kind, fused):
     """Same tokenizer, different embedding sizes (as Qwen2.5 7B's 152064 vs 1.5B's 151936): the
     loss runs over the ids both models have; the teacher's extra rows are left out."""
     tokens, labels, mask, pos = _batch()
@@ -170,9 +184,17 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind):
     model = kd.build_distillation_model(
         student,
         teacher,
-        kd.KDConfig(temperature=2.0, kind=kind, beta=0.4 if kind == "jsd" else 0.5),
+        kd.KDConfig(
+            temperature=2.0,
+            kind=kind,
+            beta=0.4 if kind == "jsd" else 0.5,
+            fused_output_layer=fused,
+            chunk_size=5 if fused else None,
+        ),
     )
     model.train()
+    if fused:  # the student's output layer hands on hidden states: no logits are made
+        assert model.output_layer(torch.zeros(3, 2, 32))[0].shape == (3, 2, 32)
     per_token = model(tokens, pos, None, labels=labels)
     terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
     n = mask.sum()

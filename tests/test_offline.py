@@ -56,11 +56,19 @@ def runs(tmp_path_factory):
     run_worker(
         tmp,
         [
-            distill("cached_exact_tp2", exact, teacher_cache=str(tmp / "full"),
-                    parallel=dict(tensor_parallel=2)),  # fmt: skip
+            distill(
+                "cached_exact_tp2",
+                exact,
+                teacher_cache=str(tmp / "full"),
+                parallel=dict(tensor_parallel=2),
+            ),  # fmt: skip
             distill("cached_exact_dp2", exact, teacher_cache=str(tmp / "full")),
-            distill("cached_exact_pp2", exact, teacher_cache=str(tmp / "full"),
-                    parallel=dict(pipeline_parallel=2)),  # fmt: skip
+            distill(
+                "cached_exact_pp2",
+                exact,
+                teacher_cache=str(tmp / "full"),
+                parallel=dict(pipeline_parallel=2),
+            ),  # fmt: skip
             cache("k32_dp2", k=32, temperature=1.0),
         ],
         nproc=2,

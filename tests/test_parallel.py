@@ -27,6 +27,9 @@ def runs(tmp_path_factory):
     # a teacher with 100 more vocabulary rows (padded 1152 at TP=1, 1280 at TP=2; the student
     # 1024 at both): the TP shards cover different ids, so the loss aligns them
     wide = dict(common, teacher=str(tmp / "wide_teacher"))
+    # reverse KL with that teacher: plain at TP=1, fused with the output layer at TP=2
+    rkl = dict(wide, kd=dict(skip_lm_loss=True, kind="reverse_kl", temperature=2.0))
+    rkl_fused = dict(rkl, kd=dict(rkl["kd"], fused_output_layer=True, chunk_size=7))
     run_worker(
         tmp,
         [
@@ -41,6 +44,7 @@ def runs(tmp_path_factory):
                 seed=11,
             ),  # fmt: skip
             dict(wide, output_dir=str(tmp / "tp1_wide")),
+            dict(rkl, output_dir=str(tmp / "tp1_rkl")),
         ],
     )
     run_worker(
@@ -49,6 +53,9 @@ def runs(tmp_path_factory):
             dict(common, output_dir=str(tmp / "tp2"), parallel=dict(tensor_parallel=2)),
             dict(jsd, output_dir=str(tmp / "tp2_jsd"), parallel=dict(tensor_parallel=2)),
             dict(wide, output_dir=str(tmp / "tp2_wide"), parallel=dict(tensor_parallel=2)),
+            dict(
+                rkl_fused, output_dir=str(tmp / "tp2_rkl_fused"), parallel=dict(tensor_parallel=2)
+            ),
             dict(
                 op="logits",
                 checkpoint=str(tmp / "tp2/final"),
@@ -84,7 +91,13 @@ VALID_KEYS = ["step", "val_lm_loss", "val_kd_loss"]
 
 @pytest.mark.parametrize(
     "other, base",
-    [("tp2", "tp1"), ("dp2", "tp1"), ("tp2_jsd", "tp1_jsd"), ("tp2_wide", "tp1_wide")],
+    [
+        ("tp2", "tp1"),
+        ("dp2", "tp1"),
+        ("tp2_jsd", "tp1_jsd"),
+        ("tp2_wide", "tp1_wide"),
+        ("tp2_rkl_fused", "tp1_rkl"),
+    ],
 )
 def test_losses_match_single_process(runs, other, base):
     for kind, keys in (("train", TRAIN_KEYS), ("valid", VALID_KEYS)):
