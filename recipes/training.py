@@ -23,12 +23,14 @@ def kd_loss(
     intermediate_weight: float = 1.0,
     chunk_size: Optional[int] = None,
     cache_top_k: Optional[int] = None,
+    fused_output_layer: bool = False,
 ) -> run.Config[KDConfig]:
     """Logits KD (`kind`: forward_kl, reverse_kl, jsd with `beta`, tvd; at `temperature`, times
     T^2 unless `temperature_squared=False`), alone or with the student's LM loss: statically,
     (1 - alpha) LM + alpha KD, or with ModelOpt's dynamic balancer (`alpha=None`,
     `skip_lm_loss=False`, weighted by `kd_loss_scale`); plus optional intermediate pairs.
     `chunk_size`: positions per chunk of the logits loss (memory-lean for big vocabularies);
+    `fused_output_layer`: the student's logits are never built (KD-only training);
     `cache_top_k`: with a teacher cache, the k it must hold."""
     return run.Config(
         KDConfig,
@@ -43,6 +45,7 @@ def kd_loss(
         intermediate_weight=intermediate_weight,
         chunk_size=chunk_size,
         cache_top_k=cache_top_k,
+        fused_output_layer=fused_output_layer,
     )
 
 
