@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/preprocess.py
 	$(PY) bench/hf_convert.py
 	$(PY) bench/kd_loss_memory.py
+	$(PY) bench/kd_step_memory.py
 	@test -d runs/quickstart/seed1234/teacher/final || $(PY) -m distill_llm.quickstart
 	$(PY) bench/offline_teacher.py
 
