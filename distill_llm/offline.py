@@ -187,6 +187,29 @@ class CachedTeacher:
                 kd_loss_scale=kd.kd_loss_scale, skip_original_loss=kd.skip_lm_loss
             )
 
+    def _per_position(self, logits, log_probs, indices, rest, group):
+        """The k+1-bucket divergence `[b, s]`; with kd.chunk_size, `chunk_size` positions at
+        a time, each chunk's full-vocabulary temporaries recomputed in the backward instead of
+        kept (the student's logits gradient is then the only logits-sized tensor)."""
+
+        def rows(z, lp, ids, r):
+            return teacher_cache.cached_per_position(
+                z, lp, ids, r, kind=self.kd.kind, temperature=self.kd.temperature,
+                beta=self.kd.beta, group=group, vocab_limit=self.shared_vocab,
+            )  # fmt: skip
+
+        chunk = self.kd.chunk_size
+        if not chunk or not torch.is_grad_enabled():
+            return rows(logits, log_probs, indices, rest)
+        from torch.utils.checkpoint import checkpoint
+
+        flat = [t.reshape(-1, *t.shape[2:]) for t in (logits, log_probs, indices, rest)]
+        out = [
+            checkpoint(rows, *(t[i : i + chunk] for t in flat), use_reentrant=False)
+            for i in range(0, flat[0].shape[0], chunk)
+        ]
+        return torch.cat(out).view(logits.shape[:2])
+
     @property
     def lm_in_gradient(self) -> bool:
         return (self.kd.alpha is None and not self.kd.skip_lm_loss) or (
@@ -216,11 +239,7 @@ class CachedTeacher:
         )
         tp = parallel_state.get_tensor_model_parallel_world_size()
         group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        per_token = teacher_cache.cached_per_position(
-            logits, log_probs, indices, rest, kind=self.kd.kind,
-            temperature=self.kd.temperature, beta=self.kd.beta, group=group,
-            vocab_limit=self.shared_vocab,
-        )  # fmt: skip
+        per_token = self._per_position(logits, log_probs, indices, rest, group)
         if self.kd.temperature_squared:
             per_token = per_token * self.kd.temperature**2
         # The value is the same on every TP rank and its backward sums over the group: each

@@ -46,6 +46,9 @@ def runs(tmp_path_factory):
             cache("k32", k=32, temperature=1.0),
             distill("online_exact", exact, teacher=teacher),
             distill("cached_exact", exact, teacher_cache=str(tmp / "full")),
+            distill(
+                "cached_exact_chunked", dict(exact, chunk_size=5), teacher_cache=str(tmp / "full")
+            ),  # fmt: skip
             distill("online_mixed", mixed, teacher=teacher),
             distill("cached_k32", dict(mixed, cache_top_k=32), teacher_cache=str(tmp / "k32")),
             evaluate("start", student),
@@ -82,11 +85,19 @@ def _series(run_dir, kind, keys):
 
 
 @pytest.mark.parametrize(
-    "cached", ["cached_exact", "cached_exact_tp2", "cached_exact_dp2", "cached_exact_pp2"]
+    "cached",
+    [
+        "cached_exact",
+        "cached_exact_chunked",
+        "cached_exact_tp2",
+        "cached_exact_dp2",
+        "cached_exact_pp2",
+    ],
 )
 def test_cache_of_the_whole_vocabulary_trains_like_the_online_teacher(runs, cached):
     """k = vocabulary, float32: the same per-step losses and gradient norms as online KD
-    (T=2, LM + balanced KD), in one process and at TP=2, DP=2 and PP=2 (a cache made by one)."""
+    (T=2, LM + balanced KD), in one process (all positions at once, or 5 at a time) and at
+    TP=2, DP=2 and PP=2 (a cache made by one process)."""
     for kind, keys in (
         ("train", ["step", "lm_loss", "kd_loss", "grad_norm"]),
         ("valid", ["step", "val_lm_loss", "val_kd_loss"]),
