@@ -9,6 +9,7 @@ or validates on. What the cache was made from is recorded and checked (see `expe
 
 import hashlib
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -199,15 +200,15 @@ class CachedTeacher:
             )  # fmt: skip
 
         chunk = self.kd.chunk_size
-        if not chunk or not torch.is_grad_enabled():
+        if not chunk:
             return rows(logits, log_probs, indices, rest)
         from torch.utils.checkpoint import checkpoint
 
+        run = rows
+        if torch.is_grad_enabled():
+            run = partial(checkpoint, rows, use_reentrant=False)
         flat = [t.reshape(-1, *t.shape[2:]) for t in (logits, log_probs, indices, rest)]
-        out = [
-            checkpoint(rows, *(t[i : i + chunk] for t in flat), use_reentrant=False)
-            for i in range(0, flat[0].shape[0], chunk)
-        ]
+        out = [run(*(t[i : i + chunk] for t in flat)) for i in range(0, flat[0].shape[0], chunk)]
         return torch.cat(out).view(logits.shape[:2])
 
     @property
