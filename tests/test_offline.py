@@ -73,6 +73,7 @@ def runs(tmp_path_factory):
                 parallel=dict(pipeline_parallel=2),
             ),  # fmt: skip
             cache("k32_dp2", k=32, temperature=1.0),
+            cache("k32_tp2", k=32, temperature=1.0, parallel=dict(tensor_parallel=2)),
         ],
         nproc=2,
     )
@@ -138,6 +139,19 @@ def test_cache_is_the_same_when_made_by_two_data_parallel_ranks(runs):
     bpp = one.bytes_per_position
     assert 0 < bpp < 32 * 4 + 2  # float16 log-probs + uint16 ids, compressed
     print(f"k=32 cache: {bpp:.1f} bytes per position")
+
+
+def test_cache_made_at_tp2_matches_one_process(runs):
+    """Top-k over two vocabulary shards: the same ids and log-probs (float16 storage; the
+    normaliser is summed in another order, so ties aside, equal to fp16 rounding)."""
+    one, two = TeacherCache(runs / "k32" / "train"), TeacherCache(runs / "k32_tp2" / "train")
+    ids = list(range(len(one)))
+    (lp1, idx1, rest1), (lp2, idx2, rest2) = one.lookup(ids), two.lookup(ids)
+    torch.testing.assert_close(lp2, lp1, rtol=0, atol=1e-2)  # seen: 0.0078, one fp16 step
+    torch.testing.assert_close(rest2, rest1, rtol=0, atol=1e-2)
+    assert (idx1 == idx2).float().mean() > 0.999
+    assert set(idx2[..., 0].unique().tolist()) - set(range(500, 1000))  # ids from both shards
+    assert set(idx2[..., 0].unique().tolist()) & set(range(500, 1000))
 
 
 def _refusal(runs, tmp_path, **overrides) -> str:
