@@ -59,19 +59,16 @@ def runs(tmp_path_factory):
     run_worker(
         tmp,
         [
-            distill(
-                "cached_exact_tp2",
-                exact,
-                teacher_cache=str(tmp / "full"),
-                parallel=dict(tensor_parallel=2),
-            ),  # fmt: skip
-            distill("cached_exact_dp2", exact, teacher_cache=str(tmp / "full")),
-            distill(
-                "cached_exact_pp2",
-                exact,
-                teacher_cache=str(tmp / "full"),
-                parallel=dict(pipeline_parallel=2),
-            ),  # fmt: skip
+            *(
+                distill(
+                    f"cached_exact_{name}", exact, teacher_cache=str(tmp / "full"), parallel=layout
+                )  # fmt: skip
+                for name, layout in (
+                    ("tp2", dict(tensor_parallel=2)),
+                    ("dp2", None),
+                    ("pp2", dict(pipeline_parallel=2)),
+                )
+            ),
             cache("k32_dp2", k=32, temperature=1.0),
             cache("k32_tp2", k=32, temperature=1.0, parallel=dict(tensor_parallel=2)),
         ],
