@@ -82,7 +82,7 @@ def _export_plan(target, model_cfg, sources, data, protected, pp: int) -> Option
         )
     from distill_llm import hf as hf_lib
 
-    for p in protected + [s for s in sources if s]:
+    for p in [s for s in protected + sources if s]:
         if Path(target).resolve() == Path(p).resolve():
             raise ConfigError(
                 f"export_hf {target!r} is an input of this run; choose a new directory"
@@ -177,7 +177,9 @@ def distill(
     elif student_checkpoint:
         checkpoint.model_config_of(student_checkpoint)  # exists and is readable
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    export = _export_plan(export_hf, student, [student_checkpoint, teacher], data, [teacher], pp)
+    export = _export_plan(
+        export_hf, student, [student_checkpoint, teacher], data, [teacher, teacher_cache], pp
+    )
     kd_lib.check_compatible(
         student, teacher_cfg, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
     )

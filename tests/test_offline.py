@@ -50,7 +50,12 @@ def runs(tmp_path_factory):
                 "cached_exact_chunked", dict(exact, chunk_size=5), teacher_cache=str(tmp / "full")
             ),  # fmt: skip
             distill("online_mixed", mixed, teacher=teacher),
-            distill("cached_k32", dict(mixed, cache_top_k=32), teacher_cache=str(tmp / "k32")),
+            distill(
+                "cached_k32",
+                dict(mixed, cache_top_k=32),
+                teacher_cache=str(tmp / "k32"),
+                export_hf=str(tmp / "cached_k32_hf"),
+            ),  # fmt: skip
             evaluate("start", student),
             evaluate("online_mixed", str(tmp / "online_mixed/final")),
             evaluate("cached_k32", str(tmp / "cached_k32/final")),
@@ -125,6 +130,8 @@ def test_small_k_cache_stays_close_to_online_kd(runs):
     assert gain_online > 0.01
     assert gain_cached > 0.9 * gain_online
     assert abs(cached["val_loss"] - online["val_loss"]) < 0.01 * online["val_loss"]
+    # a run with no teacher still ends with its Hugging Face export
+    assert json.loads((runs / "cached_k32_hf/config.json").read_text())["model_type"] == "llama"
 
 
 def test_cache_is_the_same_when_made_by_two_data_parallel_ranks(runs):
