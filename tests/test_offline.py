@@ -16,6 +16,7 @@ from distill_llm.teacher_cache import TeacherCache
 PEAKED_TEACHER = dict(TEACHER, init_method_std=1.0)
 TRAIN = train_cfg(steps=8, val_every=4)
 OPTIM_FAST = dict(OPTIM, lr=3e-3)
+EXACT = dict(temperature=2.0, skip_lm_loss=False)  # ModelOpt's balancer, T^2 rule
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def runs(tmp_path_factory):
         return dict(op="evaluate", teacher=teacher, model_checkpoint=checkpoint,
                     train=TRAIN, output_file=str(tmp / f"{name}.json"))  # fmt: skip
 
-    exact = dict(temperature=2.0, skip_lm_loss=False)  # ModelOpt's balancer, T^2 rule
+    exact = EXACT
     mixed = dict(temperature=1.0, alpha=0.5)
     run_worker(
         tmp,
@@ -156,6 +157,22 @@ def test_cache_made_at_tp2_matches_one_process(runs):
     assert (idx1 == idx2).float().mean() > 0.999
     assert set(idx2[..., 0].unique().tolist()) - set(range(500, 1000))  # ids from both shards
     assert set(idx2[..., 0].unique().tolist()) & set(range(500, 1000))
+
+
+def test_a_cache_fed_run_killed_after_a_save_resumes_exactly(runs):
+    job = dict(
+        op="distill", student_checkpoint=str(runs / "student"), kd=EXACT,
+        train=dict(TRAIN, save_every=4), optim=OPTIM_FAST, output_dir=str(runs / "resumed"),
+        teacher_cache=str(runs / "full"),
+    )  # fmt: skip
+    killed = run_worker(runs, [job], kill={"after_save": 1}, expect_ok=False)
+    assert killed.returncode != 0 and not (runs / "resumed/final").exists()
+    assert "at step 4" in run_worker(runs, [job]).stdout
+    keys = ["step", "lm_loss", "kd_loss", "lr", "grad_norm"]
+    straight = _series(runs / "cached_exact", "train", keys)
+    resumed = _series(runs / "resumed", "train", keys)
+    assert resumed.shape == (8, 5)
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
 
 
 def _refusal(runs, tmp_path, **overrides) -> str:
