@@ -267,52 +267,6 @@ def kd_loss(
     return (rows * weights).sum()
 
 
-class _FusedOutput(torch.autograd.Function):
-    """sum(weights x divergence rows) of the logits `hidden @ weight.T`, `chunk` positions at
-    a time; the gradients of `hidden` and `weight` are accumulated during the forward pass."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, teacher, weights, kind, temperature, beta, chunk, needs):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        t2 = teacher.reshape(-1, teacher.shape[-1])
-        w = weights.reshape(-1)
-        need_h, need_w = needs
-        grad_h = torch.empty_like(h2) if need_h else None
-        # float32 accumulator: adding many chunks' bf16 products in bf16 would lose precision
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for i in range(0, h2.shape[0], chunk):
-            piece = slice(i, i + chunk)
-            h = h2[piece]
-            if not (need_h or need_w):  # no gradient wanted: values only
-                rows = per_position(kind, h @ weight.T, t2[piece], temperature, beta)
-                total += (rows * w[piece]).sum().double()
-                continue
-            rows, g = _rows_and_grad(kind, h @ weight.T, t2[piece], temperature, beta, w[piece])
-            total += (rows * w[piece]).sum().double()
-            if need_h:
-                grad_h[piece] = g @ weight
-            if need_w and grad_w.dtype == g.dtype:
-                grad_w.addmm_(g.T, h)
-            elif need_w:
-                grad_w.add_(g.T @ h)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        ctx.shape = hidden.shape
-        return total.to(torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the fused KD loss can be backpropagated once")
-        grad_h, grad_w = grads
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_output.to(grad_h.dtype)).view(ctx.shape)
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_output.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None, None, None
-
-
 def kd_loss_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -331,14 +285,13 @@ def kd_loss_fused(
     (the student's logits are `hidden @ weight.T`, no bias); teacher_logits: `[..., vocab]`;
     mask: `[...]`, 1 where a position counts. Returns the float32 mean over unmasked positions
     (times T^2 when `temperature_squared`; 0 when no position counts), equal in value and in
-    the gradients of `hidden` and `weight` to the plain `kd_loss`. Neither the student's full
-    logits nor their gradient ever exist: `chunk_size` positions at a time, the logits chunk
-    `[chunk, vocab]` is formed, its gradient computed in closed form (or by autograd for jsd
-    and tvd), and turned at once into its rows of `hidden`'s gradient (g @ weight) and its
-    share of `weight`'s (g.T @ hidden). Both gradients are computed during the forward pass
-    (only those of inputs that require grad), so peak extra memory is their two buffers plus
-    one chunk's temporaries; for a bf16/fp16 `weight`, `weight`'s gradient is accumulated in
-    float32 (twice its size) and each chunk's product is one weight-sized temporary.
+    the gradients of `hidden` and `weight` to the plain `kd_loss`. It is the weighted sum of
+    `fused_per_position`'s rows: neither the student's full logits nor their gradient ever
+    exist; `chunk_size` positions at a time the logits chunk `[chunk, vocab]` is formed (again
+    in the backward), its gradient computed in closed form (or by autograd for jsd and tvd) and
+    turned at once into its rows of `hidden`'s gradient (g @ weight) and its share of
+    `weight`'s (g.T @ hidden, accumulated in float32). Peak extra memory is those two
+    gradients plus one chunk's temporaries.
     Backpropagate at most once. No tensor-parallel group: `weight` must hold the whole
     vocabulary (a vocabulary-parallel output layer needs the Megatron path's
     `chunked_per_position` on its logits shard instead).
@@ -360,10 +313,10 @@ def kd_loss_fused(
     weights = _position_weights(
         hidden.shape[:-1], mask, hidden.device, temperature, temperature_squared
     )
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-    return _FusedOutput.apply(hidden, weight, teacher_logits.detach(), weights, kind,
-                              temperature, beta, chunk_size, needs)  # fmt: skip
+    rows = fused_per_position(
+        kind, hidden, weight, teacher_logits, temperature, beta, chunk_size=chunk_size
+    )
+    return (rows * weights).sum()
 
 
 # A logit of probability exactly 0 that keeps every later operation finite (-inf would turn
@@ -395,27 +348,36 @@ class _FusedRows(torch.autograd.Function):
             rows[piece] = per_position(kind, z, t2[piece], temperature, beta, group)
         ctx.save_for_backward(hidden, weight, teacher)
         ctx.how = (kind, temperature, beta, group, chunk, real)
+        ctx.done = False
         return rows.view(hidden.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_rows):
+        if ctx.done:  # one backward, as the chunked loss (the inputs may have changed since)
+            raise RuntimeError("the fused KD loss can be backpropagated once")
+        ctx.done = True
         hidden, weight, teacher = ctx.saved_tensors
         kind, temperature, beta, group, chunk, real = ctx.how
+        need_h, need_w = ctx.needs_input_grad[:2]
         h2 = hidden.reshape(-1, hidden.shape[-1])
         t2 = teacher.reshape(-1, teacher.shape[-1])
         g_rows = grad_rows.reshape(-1).float()
-        grad_h = torch.empty_like(h2)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # many chunks: accumulate in fp32
+        grad_h = torch.empty_like(h2) if need_h else None
+        # many chunks' products: accumulated in float32 whatever the weight's dtype
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for i in range(0, h2.shape[0], chunk):
             piece = slice(i, i + chunk)
             z = _chunk_logits(h2[piece], weight, real)
             _, g = _rows_and_grad(kind, z, t2[piece], temperature, beta, g_rows[piece], group)
             if real is not None and real < g.shape[-1]:
                 g[:, real:] = 0.0
-            grad_h[piece] = (g @ weight.float()).to(hidden.dtype)
-            grad_w.addmm_(g.T, h2[piece].float())
-        grad_h = grad_h.view(hidden.shape)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None
+            if need_h:
+                grad_h[piece] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(g.T, h2[piece].float())
+        grad_h = None if grad_h is None else grad_h.view(hidden.shape)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_per_position(

@@ -169,8 +169,11 @@ def test_fused_equals_plain(kind, temperature):
             assert fused.dtype == torch.float32
             assert fused.item() == pytest.approx(plain.item(), rel=1e-5)
             (2.5 * fused).backward()  # the upstream gradient scales both
-            _close(hf.grad, 2.5 * h.grad)
-            _close(wf.grad, 2.5 * w.grad)
+            # tvd's float32 gradient is itself ~7e-6 of its maximum off float64 (|.| kinks),
+            # so two float32 computations of it may differ by twice that
+            rtol = 2e-5 if kind == "tvd" else 1e-5
+            _close(hf.grad, 2.5 * h.grad, rtol)
+            _close(wf.grad, 2.5 * w.grad, rtol)
             if mask is not None:  # masked positions' hidden states get no gradient
                 assert torch.count_nonzero(hf.grad[MASK == 0]) == 0
 
