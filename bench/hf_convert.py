@@ -38,7 +38,8 @@ def _rss_mib() -> float:
 def _stage(kind: str, src: str, dst: str) -> None:
     import torch  # noqa: F401  (imports counted before the conversion starts)
 
-    from distill_llm import hf, parallel
+    from distill_llm.engine import parallel
+    from distill_llm.formats.hf import io as hf
 
     parallel.initialize(parallel.ParallelConfig(), seed=0)  # megatron imported too
     before = _rss_mib()

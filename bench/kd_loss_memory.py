@@ -46,7 +46,7 @@ def _variant(name: str, positions: int, vocab: int, hidden_size: int) -> dict:
     teacher = torch.randn(positions, 1, vocab)
     logits_kib = teacher.numel() * 4 / 1024
     if name == "fused":
-        from distill_llm.losses import kd_loss_fused
+        from distill_llm.kd.losses import kd_loss_fused
 
         hidden = torch.randn(positions, 1, hidden_size).requires_grad_()
         weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).requires_grad_()
@@ -60,8 +60,8 @@ def _variant(name: str, positions: int, vocab: int, hidden_size: int) -> dict:
     if name == "modelopt":
         from modelopt.torch.distill.plugins.megatron import LogitsKLLoss
 
-        from distill_llm import parallel
-        from distill_llm.model import ModelConfig, transformer_config
+        from distill_llm.engine import parallel
+        from distill_llm.engine.model import ModelConfig, transformer_config
 
         parallel.initialize(parallel.ParallelConfig(), seed=0)
         loss_fn = LogitsKLLoss(transformer_config(ModelConfig()), temperature=1.0)
@@ -70,7 +70,7 @@ def _variant(name: str, positions: int, vocab: int, hidden_size: int) -> dict:
             per_token = loss_fn(student, teacher)[0]
             per_token.sum().backward()
     elif name in ("plain", "chunked"):
-        from distill_llm.losses import kd_loss
+        from distill_llm.kd.losses import kd_loss
 
         chunk = CHUNK if name == "chunked" else None
 

@@ -34,7 +34,7 @@ CHILD = f"""
 import json, sys, torch
 torch.set_num_threads(2)
 import distill_llm as dl
-from distill_llm.run_dir import read_metrics
+from distill_llm.engine.run_dir import read_metrics
 out, kd, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 arch = dict(num_layers=2, num_attention_heads=4, vocab_size={VOCAB}, max_seq_length={SEQ})
 train = dl.TrainConfig(steps=3, micro_batch_size={MICRO}, global_batch_size={MICRO},

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import distill_llm as dl  # noqa: E402
+from distill_llm.engine.run_dir import read_metrics  # noqa: E402
+from distill_llm.kd.teacher_cache import TeacherCache  # noqa: E402
 from distill_llm.quickstart import QuickstartConfig, _configs  # noqa: E402
-from distill_llm.run_dir import read_metrics  # noqa: E402
-from distill_llm.teacher_cache import TeacherCache  # noqa: E402
 
 KS = (8, 32, 128)
 

@@ -22,7 +22,7 @@ import psutil
 
 RUN = """
 import json, sys
-from distill_llm.preprocess import preprocess
+from distill_llm.data.preprocess import preprocess
 s = preprocess(sys.argv[1], sys.argv[2], sys.argv[3], workers=int(sys.argv[4]), progress=False)
 print(json.dumps(dict(tokens=s.tokens, text_bytes=s.text_bytes, seconds=s.seconds,
                       documents=s.documents)))
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=50.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    from distill_llm.tokenizer import train_bpe_tokenizer
+    from distill_llm.data.tokenizer import train_bpe_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

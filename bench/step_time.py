@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from distill_llm import kd, parallel
-from distill_llm.data import BatchPlan, DataConfig, DataModule
-from distill_llm.model import ModelConfig, build_gpt
-from distill_llm.training import OptimConfig, TrainConfig, Trainer
+from distill_llm.data.datasets import BatchPlan, DataConfig, DataModule
+from distill_llm.engine import parallel
+from distill_llm.engine.model import ModelConfig, build_gpt
+from distill_llm.engine.training import OptimConfig, TrainConfig, Trainer
+from distill_llm.kd import wrapper
+from distill_llm.kd.config import KDConfig
 
 TEACHER = ModelConfig(
     num_layers=4,
@@ -56,12 +58,12 @@ def _median_time(fn, steps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _trainer(model, is_distillation: bool, out: Path) -> Trainer:
+def _trainer(model, teacher, out: Path) -> Trainer:
     train = TrainConfig(steps=1000, micro_batch_size=BATCH, global_batch_size=BATCH, seq_length=SEQ)
     data = DataModule(
         DataConfig(),
+        DataConfig().resolve({"student": STUDENT.vocab_size}, SEQ),
         seq_length=SEQ,
-        vocab_size=STUDENT.vocab_size,
         plan=BatchPlan(BATCH, BATCH, 1),
         train_samples=BATCH * 200,
         valid_samples=BATCH,
@@ -75,7 +77,7 @@ def _trainer(model, is_distillation: bool, out: Path) -> Trainer:
         optim=OptimConfig(),
         parallel_cfg=parallel.ParallelConfig(),
         run_dir=out,
-        is_distillation=is_distillation,
+        teacher=teacher,
     )
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     out = Path(args.out)
     parallel.initialize(parallel.ParallelConfig(), seed=1)
 
-    student_only = _trainer(build_gpt(STUDENT), False, out)
+    student_only = _trainer(build_gpt(STUDENT), None, out)
     it = student_only.data.train_batches(0)
     t_student = _median_time(lambda: student_only.train_step(it), args.steps)
 
@@ -101,9 +103,8 @@ def main() -> None:
 
     t_teacher = _median_time(teacher_forward, args.steps)
 
-    distill = _trainer(
-        kd.build_distillation_model(build_gpt(STUDENT), teacher, kd.KDConfig()), True, out
-    )
+    wrapped = wrapper.build_distillation_model(build_gpt(STUDENT), teacher, KDConfig())
+    distill = _trainer(wrapped, wrapper.OnlineTeacher(wrapped), out)
     it = distill.data.train_batches(0)
     t_kd = _median_time(lambda: distill.train_step(it), args.steps)
 

@@ -11,12 +11,12 @@ from distill_llm.api import (
     init_model,
     pretrain,
 )
-from distill_llm.data import DataConfig
+from distill_llm.data.datasets import DataConfig
+from distill_llm.engine.model import ModelConfig
+from distill_llm.engine.parallel import ParallelConfig
+from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
-from distill_llm.kd import KDConfig
-from distill_llm.model import ModelConfig
-from distill_llm.parallel import ParallelConfig
-from distill_llm.training import OptimConfig, TrainConfig
+from distill_llm.kd.config import KDConfig
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # import_hf / export_hf load on first use, so `python -m distill_llm.hf` runs cleanly
     if name in ("import_hf", "export_hf"):
-        from distill_llm import hf
+        from distill_llm.formats.hf import io as hf
 
         return getattr(hf, name)
     raise AttributeError(f"module 'distill_llm' has no attribute {name!r}")

@@ -14,17 +14,26 @@ This is the only engine module that imports `distill_llm.recipes` and `distill_l
 (to register their factories).
 """
 
+import re
 import sys
 from pathlib import Path
 
+import fiddle as fdl
 import nemo_run as run
 from nemo_run.cli.api import RunContext
 
 # Registering the factories is importing them.
-from distill_llm import api, executors, hf  # noqa: F401
-from distill_llm import preprocess as preprocess_mod
+from distill_llm import api, checks, executors  # noqa: F401
+from distill_llm.data import preprocess as preprocess_mod
+from distill_llm.data.datasets import DataConfig
+from distill_llm.engine.parallel import ParallelConfig, world_size_from_env
+from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
+from distill_llm.executors.safety import check_executor, check_value
+from distill_llm.formats.hf import io as hf
+from distill_llm.kd.config import KDConfig
 from distill_llm.recipes import (  # noqa: F401
+    RECIPES,
     data,
     llama31_8b_to_llama32_1b,
     models,
@@ -46,7 +55,6 @@ class JobFailed(RuntimeError):
 def _log_tail(exp_dir: str, lines: int = LOG_TAIL_LINES) -> str:
     """The exceptions found in an experiment's logs, then the last `lines` lines of its main
     log (torchrun's combined log, or Slurm's .out)."""
-    import re
 
     logs = [
         p
@@ -98,8 +106,6 @@ def _world_size(executor) -> int:
     """Processes the executor will start (for a task run in this process: WORLD_SIZE, as set
     when the CLI itself runs under torchrun, else 1)."""
     if executor is None:
-        from distill_llm.parallel import world_size_from_env
-
         return world_size_from_env()
     per_node = getattr(executor, "torchrun_nproc_per_node", None) or getattr(
         executor, "ntasks_per_node", 1
@@ -108,42 +114,34 @@ def _world_size(executor) -> int:
 
 
 def preflight(task, executor) -> None:
-    """The layout checks the engine would make at start-up, made before anything is submitted:
-    world size vs TP x PP, heads / query groups / FFN vs TP, batch divisibility, and (when the
-    teacher checkpoint is visible here) teacher/student compatibility. Raises ConfigError."""
-    import fiddle as fdl
-
-    from distill_llm import checkpoint, kd
-    from distill_llm.data import BatchPlan
-    from distill_llm.parallel import ParallelConfig
-    from distill_llm.training import TrainConfig
-
+    """The checks the entry point makes at start-up (distill_llm.checks, the same functions),
+    made before anything is submitted, for the executor's world size: layout, batch sizes,
+    architectures, and every input path visible from here; and every executor field that
+    lands in a job script (executors.safety). Raises ConfigError."""
+    check_executor(executor)
     fn = getattr(task, "__fn_or_cls__", None)
     if fn not in (api.distill, api.pretrain):
         return
     args = fdl.build(task).keywords
-    par = args.get("parallel") or ParallelConfig()
-    train = args.get("train") or TrainConfig()
-    dp = par.validate(_world_size(executor))
-    BatchPlan(train.micro_batch_size, train.global_batch_size, dp)
-    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    common = {
+        "data": args.get("data") or DataConfig(),
+        "train": args.get("train") or TrainConfig(),
+        "optim": args.get("optim") or OptimConfig(),
+        "parallel": args.get("parallel") or ParallelConfig(),
+        "world_size": _world_size(executor),
+        "export_hf": args.get("export_hf"),
+        "local_files": False,
+    }
     if fn is api.pretrain:
-        if args.get("model") is not None:
-            args["model"].validate(tp, pp, role="model")
-            kd.check_seq_length(args["model"], train.seq_length, "model")
-        return
-    student, teacher = args.get("student"), args.get("teacher")
-    if student is not None:
-        student.validate(tp, pp, role="student")
-        kd.check_seq_length(student, train.seq_length, "student")
-    if student is not None and teacher and (Path(teacher) / checkpoint.META_FILE).is_file():
-        kd.check_compatible(
-            student,
-            checkpoint.model_config_of(teacher),
-            seq_length=train.seq_length,
-            tensor_parallel=tp,
-            pipeline_parallel=pp,
+        checks.check_pretrain(
+            model=args.get("model"), init_checkpoint=args.get("init_checkpoint"), **common
         )
+        return
+    checks.check_distill(
+        teacher=args.get("teacher"), student=args.get("student"),
+        student_checkpoint=args.get("student_checkpoint"), kd=args.get("kd") or KDConfig(),
+        teacher_cache=args.get("teacher_cache"), output_dir=args.get("output_dir"), **common,
+    )  # fmt: skip
 
 
 def dryrun(task, executor, name: str) -> str:
@@ -164,7 +162,6 @@ def _fail(message: str) -> None:
 
 def _explain(err: Exception, args: list[str]) -> str:
     """NeMo-Run's parse errors, cut to one line that names the fix."""
-    import re
 
     text = str(err)
     if text.startswith("No matching factory found for"):
@@ -184,8 +181,7 @@ def _explain(err: Exception, args: list[str]) -> str:
 
 
 def recipes_list() -> list[str]:
-    from distill_llm.recipes import RECIPES
-
+    """The names `--factory` accepts."""
     return list(RECIPES)
 
 
@@ -213,6 +209,8 @@ class CheckedRunContext(RunContext):
             return super()._execute_task(fn, task_args)
         task = self.parse_fn(fn, task_args)
         executor = None if self.direct else self.executor
+        if executor is not None:  # NeMo-Run derives job names and log paths from it
+            check_value(self.name, "the run name (--name)")
         preflight(task, executor)
         if self.dryrun:
             run.dryrun_fn(task, executor=executor)

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-from distill_llm.data import DataConfig
-from distill_llm.kd import KDConfig
-from distill_llm.model import ModelConfig
-from distill_llm.parallel import ParallelConfig
-from distill_llm.training import OptimConfig, TrainConfig
+from distill_llm.data.datasets import DataConfig
+from distill_llm.engine.model import ModelConfig
+from distill_llm.engine.parallel import ParallelConfig
+from distill_llm.engine.training import OptimConfig, TrainConfig
+from distill_llm.kd.config import KDConfig
 
 
 @dataclass
@@ -124,8 +124,8 @@ def build_corpus(out: Path, megabytes: float, valid_fraction: float) -> dict:
 
 def prepare_data(cfg: QuickstartConfig) -> dict:
     """Corpus, tokenizer and the indexed dataset, reused while their settings match."""
-    from distill_llm.preprocess import preprocess
-    from distill_llm.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from distill_llm.data.preprocess import preprocess
+    from distill_llm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     root = Path(cfg.output_dir) / "data"
     settings = {
@@ -202,7 +202,8 @@ def evaluate_models(
 ) -> dict:
     """`api.evaluate` of several checkpoints against one teacher, in one process; writes
     {name: result} to `output_file`."""
-    from distill_llm import api, parallel
+    from distill_llm import api
+    from distill_llm.engine import parallel
 
     results = {
         name: api.evaluate(teacher, path, data=data, train=train)
@@ -214,7 +215,7 @@ def evaluate_models(
 
 
 def _curve(run_dir: Path) -> list:
-    from distill_llm.run_dir import read_metrics
+    from distill_llm.engine.run_dir import read_metrics
 
     return [[e["step"], e["val_lm_loss"]] for e in read_metrics(run_dir, "valid")]
 

@@ -9,6 +9,8 @@ from typing import Dict, List, Optional
 
 import nemo_run as run
 
+from distill_llm.executors.safety import check_value
+
 NEMO_IMAGE = "nvcr.io/nvidia/nemo:25.09"
 # What megatron-core expects on GPUs; user env_vars are added on top (and win).
 GPU_ENV = {
@@ -71,6 +73,20 @@ def slurm(
     """
     if nodes < 1:
         raise ValueError(f"slurm: nodes must be at least 1, got {nodes}")
+    fields = {
+        "account": account,
+        "partition": partition,
+        "time": time,
+        "host": host,
+        "user": user,
+        "remote_job_dir": remote_job_dir,
+        "container_image": container_image,
+    }
+    for name, value in fields.items():
+        if value:
+            check_value(value, f"slurm {name}")
+    for item in container_mounts or []:
+        check_value(item, "slurm container_mounts entry")
     tasks = tasks_per_node or max(gpus_per_node, 1)
     if host:
         tunnel = run.Config(run.SSHTunnel, host=host, user=user or "", job_dir=remote_job_dir)
@@ -105,6 +121,10 @@ def docker(
 ) -> run.Config[run.Executor]:
     """A local Docker container (NVIDIA runtime): `gpus` torchrun processes, host IPC, the
     memlock/stack limits NCCL wants, `volumes` as "host:container" mounts."""
+    for value, where in [(image, "docker image"), (shm_size, "docker shm_size")] + [
+        (v, "docker volumes entry") for v in volumes or []
+    ]:
+        check_value(value, where)
     return run.Config(
         run.DockerExecutor,
         container_image=image,

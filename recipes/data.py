@@ -4,7 +4,7 @@ from typing import Any, List, Optional
 
 import nemo_run as run
 
-from distill_llm.data import DataConfig
+from distill_llm.data.datasets import DataConfig
 
 
 @run.cli.factory

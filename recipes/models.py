@@ -6,7 +6,7 @@ On the command line any of them can stand in for a model argument, e.g.
 
 import nemo_run as run
 
-from distill_llm.model import ModelConfig
+from distill_llm.engine.model import ModelConfig
 
 
 def _llama3(**shape) -> run.Config[ModelConfig]:

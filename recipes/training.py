@@ -4,10 +4,10 @@ from typing import List, Optional
 
 import nemo_run as run
 
-from distill_llm.kd import KDConfig
-from distill_llm.parallel import ParallelConfig
+from distill_llm.engine.parallel import ParallelConfig
+from distill_llm.engine.training import OptimConfig, TrainConfig
+from distill_llm.kd.config import KDConfig
 from distill_llm.recipes import data
-from distill_llm.training import OptimConfig, TrainConfig
 
 
 @run.cli.factory

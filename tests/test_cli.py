@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from distill_llm import kd
-from distill_llm.data import BatchPlan
+from distill_llm import checks
+from distill_llm.data.datasets import BatchPlan
 from distill_llm.recipes import RECIPES, models
 
 VENV_BIN = Path(sys.executable).parent
@@ -59,12 +59,10 @@ def test_every_recipe_builds_a_consistent_config(name):
         BatchPlan(train.micro_batch_size, train.global_batch_size, dp)
     student = args.get("student") or args.get("model")
     student.validate(tp, pp)
-    kd.check_seq_length(student, train.seq_length, "student")
+    checks.check_seq_length(student, train.seq_length, "student")
     if "teacher" in args:
         teacher = fdl.build(module.teacher_model())
-        kd.check_compatible(
-            student, teacher, seq_length=train.seq_length, tensor_parallel=tp, pipeline_parallel=pp
-        )
+        checks.check_compatible(student, teacher, par, train.seq_length)
         assert teacher.vocab_size == student.vocab_size
         assert teacher.num_parameters() > 2 * student.num_parameters()
 
@@ -362,7 +360,7 @@ def test_command_line_overrides_reach_the_config(arg, field, value):
     """Every kind of field accepts `key=value` (NeMo-Run's parser rejects `X | None` types)."""
     from nemo_run.cli.cli_parser import parse_cli_args
 
-    from distill_llm.data import parse_blend
+    from distill_llm.data.datasets import parse_blend
     from distill_llm.recipes import tiny
 
     built = fdl.build(parse_cli_args(tiny.recipe(), [arg])).keywords
@@ -373,7 +371,7 @@ def test_command_line_overrides_reach_the_config(arg, field, value):
 
 
 def test_preprocess_and_a_recipe_script_through_the_cli(tmp_path):
-    from distill_llm.tokenizer import train_bpe_tokenizer
+    from distill_llm.data.tokenizer import train_bpe_tokenizer
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(

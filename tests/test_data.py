@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from distill_llm import parallel
-from distill_llm.data import BatchPlan, DataConfig, DataModule
+from distill_llm.data.datasets import BatchPlan, DataConfig, DataModule
+from distill_llm.data.preprocess import preprocess
+from distill_llm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from distill_llm.engine import parallel
 from distill_llm.errors import ConfigError
-from distill_llm.preprocess import preprocess
-from distill_llm.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while teacher and student models learn".split()
 
@@ -362,7 +362,7 @@ def test_crash_while_publishing_leaves_no_mismatched_pair(corpus, tmp_path, die_
 def test_distill_on_real_data_resumes_exactly_and_matches_dp2(corpus):
     from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
-    from distill_llm.run_dir import read_metrics
+    from distill_llm.engine.run_dir import read_metrics
 
     tmp = corpus["tmp"]
     keys = ["step", "lm_loss", "kd_loss", "grad_norm"]

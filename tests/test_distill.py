@@ -11,8 +11,8 @@ import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
 from distill_llm import KDConfig, ModelConfig, ParallelConfig, TrainConfig, distill, pretrain
+from distill_llm.engine.run_dir import read_metrics
 from distill_llm.errors import ConfigError
-from distill_llm.run_dir import read_metrics
 
 # A random teacher with larger weights makes peaked, input-dependent predictions worth imitating;
 # a 128-token vocabulary lets 50 steps show each token often. The student has half the layers.
@@ -73,14 +73,15 @@ def test_metrics_contract(run):
 
 
 def test_teacher_weights_bitwise_unchanged(run):
-    from distill_llm import checkpoint, parallel
-    from distill_llm.model import build_gpt
+    from distill_llm.engine import parallel
+    from distill_llm.engine.model import build_gpt
+    from distill_llm.formats import paths
 
     parallel.initialize(ParallelConfig(), seed=0)
     after = torch.load(run / "teacher_after.pt")  # the in-memory teacher when training ended
     cfg = ModelConfig(**SHARP_TEACHER)
     stored = build_gpt(cfg)
-    checkpoint.load_model(run / "teacher", stored, cfg, role="teacher")
+    paths.load_model(run / "teacher", stored, cfg, role="teacher")
     stored = stored.state_dict()
     names = [k for k in after if not k.endswith("_extra_state")]
     assert len(names) == len([k for k in stored if not k.endswith("_extra_state")]) > 0
@@ -91,8 +92,8 @@ def test_teacher_weights_bitwise_unchanged(run):
 def test_final_holds_the_student_alone(run):
     from megatron.core import dist_checkpointing
 
-    from distill_llm import checkpoint, parallel
-    from distill_llm.model import build_gpt
+    from distill_llm.engine import checkpoint, parallel
+    from distill_llm.engine.model import build_gpt
 
     parallel.initialize(ParallelConfig(), seed=0)
     final = dist_checkpointing.load_plain_tensors(str(run / "run/final"))

@@ -16,9 +16,9 @@ from conftest import ROOT, run_worker
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from distill_llm import hf  # noqa: E402
+from distill_llm.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 from distill_llm.errors import ConfigError  # noqa: E402
-from distill_llm.tokenizer import train_bpe_tokenizer  # noqa: E402
+from distill_llm.formats.hf import io as hf  # noqa: E402
 
 BASE = dict(
     hidden_size=64,
@@ -255,7 +255,7 @@ def test_cli_import_and_export(llama_dir, tmp_path):
 
 def test_different_tokenizers_are_refused_before_anything_runs(tmp_path):
     """Teacher and student HF directories whose tokenizers map ids to different tokens."""
-    from distill_llm import distill, kd
+    from distill_llm import checks, distill
 
     for name, words in (("teacher", "alpha beta gamma"), ("student", "delta epsilon zeta")):
         _make_hf(tmp_path / name, "llama")
@@ -274,7 +274,36 @@ def test_different_tokenizers_are_refused_before_anything_runs(tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tmp_path / "teacher" / f).is_file():
             (tmp_path / "student" / f).write_bytes((tmp_path / "teacher" / f).read_bytes())
-    kd.check_same_tokenizer({
+    checks.check_same_tokenizer({
         "teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student"),
         "data.tokenizer": str(tmp_path / "teacher"),
     })  # fmt: skip
+
+
+def test_lm_loss_is_over_the_real_vocabulary_at_tp1_and_tp2(tmp_path):
+    """A 384-id vocabulary is not padded at TP=1 and padded to 512 at TP=2; the LM loss we
+    train, validate and evaluate on (plain GPT, and the KD wrapper's student, plain and fused)
+    is transformers' cross entropy at both: Megatron's padding rows take no probability."""
+    hf_dir = tmp_path / "hf"
+    settings = {**BASE, **FAMILIES["llama"], "vocab_size": 384}
+    cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(hf_dir)
+    ops = {}
+    for tp in (1, 2):
+        ops[tp] = [
+            dict(op="lm_loss", checkpoint=str(hf_dir), tensor_parallel=tp, kd=kd, training=train,
+                 out=str(tmp_path / f"tp{tp}_{kd}_{train}.pt"))
+            for kd, train in ((None, False), ("plain", True), ("plain", False), ("fused", True))
+        ]  # fmt: skip
+    run_worker(tmp_path, ops[1])
+    run_worker(tmp_path, ops[2], nproc=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for op in ops[1] + ops[2]:
+        got = torch.load(op["out"])
+        with torch.no_grad():
+            logits = model(got["tokens"]).logits
+        want = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), got["labels"].flatten(), reduction="none"
+        ).view_as(got["labels"])
+        torch.testing.assert_close(got["loss"], want, rtol=0, atol=1e-5, msg=str(op))

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 from conftest import STUDENT, TEACHER
 from test_losses import reference
 
-from distill_llm import kd, parallel
-from distill_llm.losses import KINDS
-from distill_llm.model import ModelConfig, build_gpt
+from distill_llm.engine import parallel
+from distill_llm.engine.model import ModelConfig, build_gpt
+from distill_llm.kd import config as kd
+from distill_llm.kd import wrapper
+from distill_llm.kd.criterion import masked_sum
+from distill_llm.kd.losses import KINDS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +36,10 @@ def _independent(s_logits, t_logits, labels, mask, temperature, kind="forward_kl
     kd_value = reference(
         kind, s_logits[..., :v], t_logits[..., :v], temperature=temperature, mask=mask
     )
-    ce = F.cross_entropy(s_logits.double().flatten(0, 1), labels.flatten(), reduction="none")
+    # the CE too is over the real vocabulary: padding rows take no probability
+    ce = F.cross_entropy(
+        s_logits[..., :v].double().flatten(0, 1), labels.flatten(), reduction="none"
+    )
     return kd_value, (ce.view_as(mask) * mask).sum() / mask.sum()
 
 
@@ -82,7 +88,7 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
     want_kd, want_ce = _independent(s_logits, t_logits, labels, mask, temperature, kind)
     want_grads = _grads_of(student, want_kd)
 
-    model = kd.build_distillation_model(
+    model = wrapper.build_distillation_model(
         student,
         teacher,
         kd.KDConfig(
@@ -95,8 +101,8 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
     )
     model.train(training)
     per_token = model(tokens, pos, None, labels=labels)
-    lm_sum = kd.masked_sum(per_token, mask)
-    terms = kd.kd_loss_terms(model, lm_sum, mask)
+    lm_sum = masked_sum(per_token, mask)
+    terms = wrapper.kd_loss_terms(model, lm_sum, mask)
     n = mask.sum()
     torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)
     # The LM loss is computed (and logged) in every mode, and is the true CE.
@@ -119,11 +125,13 @@ def test_static_mixing_weights_lm_and_kd(alpha):
         t_logits = teacher(tokens, pos, None)
     want_kd, want_ce = _independent(student(tokens, pos, None), t_logits, labels, mask, 2.0)
     want_grads = _grads_of(student, ((1 - alpha) * want_ce + alpha * want_kd))
-    model = kd.build_distillation_model(student, teacher, kd.KDConfig(alpha=alpha, temperature=2.0))
+    model = wrapper.build_distillation_model(
+        student, teacher, kd.KDConfig(alpha=alpha, temperature=2.0)
+    )
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    lm_sum = kd.masked_sum(per_token, mask)
-    terms = kd.kd_loss_terms(model, lm_sum, mask)
+    lm_sum = masked_sum(per_token, mask)
+    terms = wrapper.kd_loss_terms(model, lm_sum, mask)
     n = mask.sum()
     want_total = (1 - alpha) * want_ce + alpha * want_kd
     torch.testing.assert_close(terms["total"].double() / n, want_total, rtol=0, atol=1e-5)
@@ -139,12 +147,12 @@ def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():
         want_kd, _ = _independent(
             student(tokens, pos, None), teacher(tokens, pos, None), labels, mask, 1.0
         )
-    model = kd.build_distillation_model(student, teacher, kd.KDConfig(skip_lm_loss=False))
+    model = wrapper.build_distillation_model(student, teacher, kd.KDConfig(skip_lm_loss=False))
     del model.compute_language_model_loss  # back to the unguarded upstream method
     model.compute_language_model_loss = type(model).compute_language_model_loss.__get__(model)
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
     assert abs(terms["logits"].item() / mask.sum().item() - want_kd.item()) > 1e-3
 
 
@@ -152,16 +160,18 @@ def test_intermediate_pairs_are_logged_and_validated():
     tokens, labels, mask, pos = _batch()
     student, teacher = _models()
     pair = ["decoder.final_layernorm", "decoder.final_layernorm", "cosine"]
-    model = kd.build_distillation_model(student, teacher, kd.KDConfig(intermediate_pairs=[pair]))
+    model = wrapper.build_distillation_model(
+        student, teacher, kd.KDConfig(intermediate_pairs=[pair])
+    )
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
     assert terms["intermediate"].item() > 0
     # cosine loss is at most 2 per token
     assert terms["intermediate"].item() / mask.sum().item() <= 2.0
     student2, teacher2 = _models()
     with pytest.raises(kd.ConfigError, match="student has no module 'decoder.nope'"):
-        kd.build_distillation_model(
+        wrapper.build_distillation_model(
             student2, teacher2, kd.KDConfig(intermediate_pairs=[["decoder.nope", "decoder"]])
         )
 
@@ -181,7 +191,7 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind, fused):
     assert t_logits.shape[-1] == 1152 and s_logits.shape[-1] == 1024
     want_kd, _ = _independent(s_logits, t_logits, labels, mask, 2.0, kind)
     want_grads = _grads_of(student, want_kd)
-    model = kd.build_distillation_model(
+    model = wrapper.build_distillation_model(
         student,
         teacher,
         kd.KDConfig(
@@ -196,7 +206,7 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind, fused):
     if fused:  # the student's output layer hands on hidden states: no logits are made
         assert model.output_layer(torch.zeros(3, 2, 32))[0].shape == (3, 2, 32)
     per_token = model(tokens, pos, None, labels=labels)
-    terms = kd.kd_loss_terms(model, kd.masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
     n = mask.sum()
     if kind == "forward_kl":
         torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distill_llm.errors import ConfigError
-from distill_llm.losses import (
+from distill_llm.kd.losses import (
     KINDS,
     LOG_PROB_FLOOR,
     chunked_per_position,

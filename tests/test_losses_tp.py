@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill_llm.losses import KINDS, chunked_per_position, per_position
+from distill_llm.kd.losses import KINDS, chunked_per_position, per_position
 
 WORLD = 2
 VOCAB = 64  # 32 tokens a rank

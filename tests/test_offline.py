@@ -7,9 +7,9 @@ import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
 import distill_llm as dl
+from distill_llm.engine.run_dir import read_metrics
 from distill_llm.errors import ConfigError
-from distill_llm.run_dir import read_metrics
-from distill_llm.teacher_cache import TeacherCache
+from distill_llm.kd.teacher_cache import TeacherCache
 
 # A teacher with large weights has peaked distributions (top-1 ~0.7, top-32 leaves ~1e-3 of the
 # mass at T=1), as trained LMs do; a small-init one would be near uniform.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
-from distill_llm.run_dir import read_metrics
+from distill_llm.engine.run_dir import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
-from distill_llm.run_dir import read_metrics
+from distill_llm.engine.run_dir import read_metrics
 
 # Four layers each, so every stage holds two; the student is narrower than the teacher, so the
 # intermediate pair goes through ModelOpt's learned projection.
@@ -82,11 +82,11 @@ def test_final_students_match_pp1(runs, layout):
 
 
 def test_pair_off_the_last_stage_is_refused(tmp_path):
-    from distill_llm import KDConfig, ModelConfig, kd
+    from distill_llm import KDConfig, ModelConfig, checks
     from distill_llm.errors import ConfigError
 
     cfg = KDConfig(intermediate_pairs=[["decoder.layers.1", "decoder.layers.3"]])
     with pytest.raises(ConfigError, match="not on the last pipeline stage") as err:
-        kd.check_pipeline_pairs(cfg, ModelConfig(**STUDENT4), ModelConfig(**TEACHER4), 2)
+        checks.check_pipeline_pairs(cfg, ModelConfig(**STUDENT4), ModelConfig(**TEACHER4), 2)
     assert "decoder.layers.2-3" in str(err.value)
-    kd.check_pipeline_pairs(cfg, ModelConfig(**STUDENT4), ModelConfig(**TEACHER4), 1)
+    checks.check_pipeline_pairs(cfg, ModelConfig(**STUDENT4), ModelConfig(**TEACHER4), 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import OPTIM, STUDENT, TEACHER, run_worker, train_cfg
 
-from distill_llm.run_dir import read_metrics
+from distill_llm.engine.run_dir import read_metrics
 
 KEYS = ["step", "lm_loss", "kd_loss", "lr", "grad_norm"]
 
@@ -26,7 +26,7 @@ def _job(tmp, run_dir, save_every):
 def _final_weights(path):
     from megatron.core import dist_checkpointing
 
-    from distill_llm import parallel
+    from distill_llm.engine import parallel
 
     parallel.initialize(parallel.ParallelConfig(), seed=0)
     return dist_checkpointing.load_plain_tensors(str(path))

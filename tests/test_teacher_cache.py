@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill_llm import losses
 from distill_llm.errors import ConfigError
-from distill_llm.losses import KINDS, LOG_PROB_FLOOR
-from distill_llm.teacher_cache import (
+from distill_llm.kd import losses
+from distill_llm.kd.losses import KINDS, LOG_PROB_FLOOR
+from distill_llm.kd.teacher_cache import (
     FIX,
     CacheWriter,
     TeacherCache,

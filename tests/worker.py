@@ -21,7 +21,7 @@ import torch
 def _kill_hooks(kill: dict) -> None:
     from megatron.core import dist_checkpointing
 
-    from distill_llm import checkpoint
+    from distill_llm.engine import checkpoint
 
     if "after_save" in kill:
         real, count = checkpoint.save_training, [0]
@@ -51,9 +51,9 @@ def _record_teacher(path: str) -> None:
     """After the run, save the in-memory teacher's weights as they were at the end."""
     import atexit
 
-    from distill_llm import kd
+    from distill_llm.kd import wrapper
 
-    real = kd.build_distillation_model
+    real = wrapper.build_distillation_model
 
     def build(student, teacher, cfg):
         atexit.register(
@@ -63,21 +63,22 @@ def _record_teacher(path: str) -> None:
         )
         return real(student, teacher, cfg)
 
-    kd.build_distillation_model = build
+    wrapper.build_distillation_model = build
 
 
 def _logits(op: dict) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from distill_llm import checkpoint, parallel
-    from distill_llm.model import build_gpt
+    from distill_llm.engine import parallel
+    from distill_llm.engine.model import build_gpt
+    from distill_llm.formats import paths
 
-    cfg = checkpoint.model_config_of(op["checkpoint"])
+    cfg = paths.model_config_of(op["checkpoint"])
     tp = op.get("tensor_parallel", 1)
     parallel.initialize(parallel.ParallelConfig(tensor_parallel=tp), seed=op.get("seed", 99))
     model = build_gpt(cfg, tensor_parallel=tp)
-    checkpoint.load_model(op["checkpoint"], model, cfg, role="model")
+    paths.load_model(op["checkpoint"], model, cfg, role="model")
     model.eval()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
@@ -90,6 +91,39 @@ def _logits(op: dict) -> None:
         torch.save(logits[..., : cfg.vocab_size].clone(), op["out"])
 
 
+def _lm_loss(op: dict) -> None:
+    """The per-token LM loss [b, s] the engine trains and validates on, for the model at
+    op["checkpoint"] on op["tensor_parallel"] ranks: the plain GPT's (`pretrain`, `evaluate`'s
+    model) or, with op["kd"] ("plain" or "fused"), the distillation wrapper's student."""
+    from distill_llm.engine import parallel
+    from distill_llm.engine.model import build_gpt
+    from distill_llm.formats import paths
+    from distill_llm.kd.config import KDConfig
+
+    cfg = paths.model_config_of(op["checkpoint"])
+    tp = op.get("tensor_parallel", 1)
+    parallel.initialize(parallel.ParallelConfig(tensor_parallel=tp), seed=3)
+    models = []
+    for _ in range(2 if op.get("kd") else 1):
+        models.append(build_gpt(cfg, tensor_parallel=tp))
+        paths.load_model(op["checkpoint"], models[-1], cfg, role="model")
+    model = models[0]
+    if op.get("kd"):
+        from distill_llm.kd import wrapper
+
+        kd = KDConfig(fused_output_layer=op["kd"] == "fused")
+        model = wrapper.build_distillation_model(models[0], models[1], kd)
+    model.train(op.get("training", False))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        per_token = model(tokens, positions, None, labels=labels)
+    if parallel.is_main():
+        torch.save({"tokens": tokens, "labels": labels, "loss": per_token.clone()}, op["out"])
+
+
 def main(spec_path: str) -> None:
     torch.set_num_threads(1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 2)
     spec = json.loads(open(spec_path).read())
@@ -100,8 +134,8 @@ def main(spec_path: str) -> None:
         _record_teacher(spec["teacher_out"])
     for op in spec["ops"]:
         kind = op.pop("op")
-        if kind == "logits":
-            _logits(op)
+        if kind in ("logits", "lm_loss"):
+            {"logits": _logits, "lm_loss": _lm_loss}[kind](op)
             continue
         make = {
             "model": dl.ModelConfig,

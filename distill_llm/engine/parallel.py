@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from distill_llm import cpu_compat
+from distill_llm.engine import cpu_compat
 from distill_llm.errors import ConfigError
 
 Precision = Literal["fp32", "bf16"]

@@ -91,7 +91,7 @@ class DataConfig:
         refuses data made with a different tokenizer than the one given."""
         given = None
         if self.tokenizer:
-            from distill_llm.tokenizer import load_tokenizer
+            from distill_llm.data.tokenizer import load_tokenizer
 
             given = load_tokenizer(self.tokenizer).describe()
         for info in infos:

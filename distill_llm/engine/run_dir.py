@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from distill_llm import parallel
+from distill_llm.engine import parallel
 
 
 def write_config(run_dir: Path, config: dict) -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_llm import parallel
+from distill_llm.engine import parallel
+from distill_llm.engine.model import ModelConfig
 from distill_llm.errors import ConfigError
-from distill_llm.model import ModelConfig
 
 META_FILE = "distill_llm.json"
 LATEST_FILE = "latest"
@@ -73,28 +73,22 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def _is_hf(path: str | Path) -> bool:
-    from distill_llm import hf
-
-    return hf.is_hf_dir(path) and not (Path(path) / META_FILE).is_file()
-
-
 def model_config_of(path: str | Path) -> ModelConfig:
-    """The architecture stored with a checkpoint, or derived from a Hugging Face directory's
-    config.json (whose weights are then checked against it)."""
-    if _is_hf(path):
-        from distill_llm import hf
-
-        return hf.checked_config(path)
+    """The architecture stored with a distill_llm checkpoint (any model path: formats.paths)."""
     return ModelConfig.from_dict(read_metadata(path)["model"])
 
 
 def _rng_state() -> dict:
+    """This process's RNG states as tensors, numbers and lists only, so that
+    `torch.load(..., weights_only=True)` reads them back (no pickled objects: a checkpoint from
+    someone else cannot run code when resumed)."""
     from megatron.core import tensor_parallel
 
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(python_state), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -104,14 +98,31 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore the states `_rng_state` saved."""
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_rng_file(path: Path) -> dict:
+    """A rank's RNG file, read without unpickling objects; ConfigError if it holds anything
+    else (a crafted or foreign file) or is not a torch file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{path} is not an RNG state file distill_llm wrote ({first[:200]}); it is not "
+            "loaded, since it could run code. Delete the checkpoint's rng/ folder to resume "
+            "without restoring RNG states, or resume from a checkpoint you trust"
+        ) from None
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -262,7 +273,7 @@ def load_training(path: Path, *, model, optimizer, scheduler) -> dict:
                 )
     rng_file = path / "rng" / f"rank_{parallel.rank()}.pt"
     if meta["world_size"] == torch.distributed.get_world_size() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(read_rng_file(rng_file))
     return dict(loaded["progress"])
 
 
@@ -273,28 +284,11 @@ def save_model(path: str | Path, module, model_cfg: ModelConfig, **extra) -> Pat
     return path
 
 
-def load_model(path: str | Path, module, model_cfg: ModelConfig, role: str) -> None:
-    """Load weights saved by `save_model` (any TP size), or a Hugging Face directory's, into
-    `module`, checking the architecture."""
+def load_model(path: str | Path, module, model_cfg: ModelConfig) -> None:
+    """Load weights saved by `save_model` (at any TP size) into `module` (built for
+    `model_cfg`; formats.paths.load_model checks the architecture first)."""
     from megatron.core import dist_checkpointing
 
-    stored = model_config_of(path)
-    if stored != model_cfg:
-        diff = {
-            k: (v, getattr(model_cfg, k))
-            for k, v in stored.to_dict().items()
-            if getattr(model_cfg, k) != v
-        }
-        raise ConfigError(
-            f"{role} checkpoint {str(path)!r} holds a different architecture "
-            f"(field: (checkpoint, config)) {diff}; leave the {role} config unset to use the "
-            "checkpoint's own"
-        )
-    if _is_hf(path):  # converted on the fly, each rank its own shard
-        from distill_llm import hf
-
-        hf.load_hf_weights(module, model_cfg, path)
-        return
     with torch.no_grad():
         loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
         module.load_state_dict(loaded["model"])

@@ -1,6 +1,7 @@
 """The training loop on megatron-core: micro-batches, DDP, optimizer, schedule, validation,
 checkpoints. It trains a plain GPT (pretraining) or a ModelOpt distillation wrapper alike."""
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -9,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from distill_llm import checkpoint, kd, parallel
-from distill_llm.data import DataModule
+from distill_llm.data.datasets import DataModule
+from distill_llm.engine import checkpoint, parallel
+from distill_llm.engine.model import ModelConfig
+from distill_llm.engine.run_dir import RunLog
 from distill_llm.errors import ConfigError
-from distill_llm.model import ModelConfig
-from distill_llm.run_dir import RunLog
 
 # Per micro-batch the loss function reports these token sums, in this order.
-_REPORT = ("lm", "kd", "intermediate", "tokens")
+_REPORT = ("lm", "kd", "intermediate", "tokens")  # "kd": the logits loss
 
 
 @dataclass
@@ -122,36 +123,29 @@ def _to_device(batch: dict) -> dict:
     return batch
 
 
-def _loss_func(loss_mask, distill_model, output_tensor):
-    """Token-summed loss of one micro-batch, with its token count and report sums."""
-    lm_sum = kd.masked_sum(output_tensor, loss_mask)
-    tokens = loss_mask.sum().float()
-    if distill_model is None:
-        total, kd_sum, inter_sum = lm_sum, torch.zeros_like(lm_sum), torch.zeros_like(lm_sum)
+def _loss_func(batch: dict, teacher, training: bool, output_tensor):
+    """THE loss function: the token-summed loss of one micro-batch, its token count and the
+    report sums. `output_tensor`: the model's per-token LM loss `[b, s]`, or its logits
+    `[b, s, V/TP]` when `teacher.wants_logits`. `teacher` (None to pretrain) is the KD side:
+    kd.wrapper.OnlineTeacher or kd.offline.CachedTeacher, each mixing through KDCriterion."""
+    mask = batch["loss_mask"]
+    tokens = mask.sum().float()
+    if teacher is None:
+        lm_sum = (output_tensor.float().reshape(-1) * mask.reshape(-1).float()).sum()
+        terms = {"total": lm_sum, "lm": lm_sum}
     else:
-        terms = kd.kd_loss_terms(distill_model, lm_sum, loss_mask)
-        total, kd_sum, inter_sum = terms["total"], terms["logits"], terms["intermediate"]
-    report = torch.stack([lm_sum.detach(), kd_sum.detach(), inter_sum.detach().float(), tokens])
-    return total, tokens.int(), {"sums": report}
-
-
-def _cached_loss_func(batch, cached, student, output_tensor):
-    """Like `_loss_func`, for a student whose teacher is a cache (`output_tensor`: logits)."""
-    terms = cached.terms(student, output_tensor, batch, training=student.training)
-    tokens = batch["loss_mask"].sum().float()
-    report = torch.stack(
-        [terms["lm"].detach(), terms["logits"].detach(), terms["intermediate"].detach(), tokens]
-    )
+        terms = teacher.terms(output_tensor, batch, training)
+    zero = torch.zeros_like(terms["lm"])
+    sums = [terms.get(k, zero).detach().float() for k in ("lm", "logits", "intermediate")]
+    report = torch.stack(sums + [tokens])
     return terms["total"], tokens.int(), {"sums": report}
 
 
-def _forward_step(distill_model, cached, data_iterator, model):
+def _forward_step(teacher, data_iterator, model):
     batch = _to_device(next(data_iterator))
-    if cached is not None:  # logits out; the loss needs them with the cached teacher's
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(_cached_loss_func, batch, cached, distill_model)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"], distill_model)
+    labels = None if teacher is not None and teacher.wants_logits else batch["labels"]
+    output = model(batch["tokens"], batch["position_ids"], None, labels=labels)
+    return output, partial(_loss_func, batch, teacher, model.training)
 
 
 def _reduce_reports(reports: list[dict]) -> dict[str, float]:
@@ -184,8 +178,7 @@ class Trainer:
         optim: OptimConfig,
         parallel_cfg,
         run_dir: Path,
-        is_distillation: bool,
-        cached_teacher=None,
+        teacher=None,
     ):
         from megatron.core.distributed import finalize_model_grads
 
@@ -194,8 +187,10 @@ class Trainer:
         self.run_dir = run_dir
         self.student_cfg = student_cfg
         self.inner = model
-        self.is_distillation = is_distillation or cached_teacher is not None
-        self.cached_teacher = cached_teacher  # distill_llm.offline.CachedTeacher: no teacher model
+        # The KD side of the loss (kd.wrapper.OnlineTeacher, kd.offline.CachedTeacher), or
+        # None to pretrain; the engine calls it without knowing which.
+        self.teacher = teacher
+        self.is_distillation = teacher is not None
         self.ddp = wrap_ddp(model, parallel_cfg)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, optim, train, parallel_cfg)
         config = model.config
@@ -244,41 +239,24 @@ class Trainer:
     def save_final(self) -> Path:
         """The student alone: no teacher, no optimizer, no KD projection layers."""
         target = self.run_dir / "final"
-        if self.is_distillation and self.cached_teacher is None:
-            with self.inner.hide_loss_modules():
-                checkpoint.save_model(target, self.inner, self.student_cfg, step=self.step)
-        else:
+        with self.teacher.student_only() if self.teacher else contextlib.nullcontext():
             checkpoint.save_model(target, self.inner, self.student_cfg, step=self.step)
         return target
 
     # -- steps --------------------------------------------------------------------------------
     def _forward_backward(self, iterator, num_microbatches: int, forward_only: bool):
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         shapes = dict(
             seq_length=self.train_cfg.seq_length, micro_batch_size=self.data.plan.micro_batch_size
         )
         extra = {}
-        if (
-            self.is_distillation
-            and self.cached_teacher is None
-            and parallel_state.get_pipeline_model_parallel_world_size() > 1
-        ):
-            from modelopt.torch.distill.plugins.megatron import (
-                get_tensor_shapes_adjust_fn_for_distillation,
-            )
-
-            # Between stages the wrapper sends student and teacher activations concatenated.
-            extra["adjust_tensor_shapes_fn"] = get_tensor_shapes_adjust_fn_for_distillation(
-                [self.ddp], decoder_seq_length=self.train_cfg.seq_length, **shapes
-            )
+        if self.teacher is not None:
+            adjust = self.teacher.adjust_tensor_shapes([self.ddp], **shapes)
+            if adjust is not None:
+                extra["adjust_tensor_shapes_fn"] = adjust
         return get_forward_backward_func()(
-            forward_step_func=partial(
-                _forward_step,
-                self.inner if self.is_distillation else None,
-                self.cached_teacher,
-            ),
+            forward_step_func=partial(_forward_step, self.teacher),
             data_iterator=iterator,
             model=[self.ddp],
             num_microbatches=num_microbatches,

@@ -7,18 +7,20 @@ the same settings give the same samples, so `distill` with them reads every samp
 or validates on. What the cache was made from is recorded and checked (see `expected`).
 """
 
+import contextlib
 import hashlib
 import shutil
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from distill_llm import kd as kd_lib
-from distill_llm import parallel, teacher_cache
-from distill_llm.data import collate
+from distill_llm.data.datasets import collate
+from distill_llm.engine import parallel
+from distill_llm.engine.model import lm_loss
 from distill_llm.errors import ConfigError
+from distill_llm.kd import teacher_cache
+from distill_llm.kd.criterion import CachedTopK, KDCriterion, masked_sum
 
 SPLITS = ("train", "valid")
 
@@ -172,84 +174,50 @@ def _top_k(model, dataset, ids: list, k: int, temperature: float, group, vocab_l
 
 
 class CachedTeacher:
-    """The KD loss from a teacher cache, for the training loop (`kd`: the run's KDConfig;
-    `shared_vocab`: ids both the student and the cache cover)."""
+    """The KD loss from a teacher cache, for the training loop: the run's `KDCriterion` fed by
+    the cache's top-k rows (`CachedTopK`) instead of a live teacher's logits."""
 
-    def __init__(self, caches: dict, kd, shared_vocab: int):
+    wants_logits = True  # the model's forward returns logits, not its LM loss
+
+    def __init__(self, caches: dict, kd, shared_vocab: int, student=None):
         self.caches = caches
-        self.kd = kd
-        self.shared_vocab = shared_vocab
-        if kd.alpha is not None:
-            self.balancer = kd_lib._static_mix(kd.alpha, kd.intermediate_weight)
-        else:
-            from modelopt.torch.distill.plugins.megatron import LogitsAndIntermediatesLossBalancer
+        self.student = student
+        self.criterion = KDCriterion(kd, shared_vocab)
+        self.balancer = self.criterion.balancer()
 
-            self.balancer = LogitsAndIntermediatesLossBalancer(
-                kd_loss_scale=kd.kd_loss_scale, skip_original_loss=kd.skip_lm_loss
-            )
+    def student_only(self):
+        """Saving the student needs nothing hidden: there is no teacher in memory."""
+        return contextlib.nullcontext()
 
-    def _per_position(self, logits, log_probs, indices, rest, group):
-        """The k+1-bucket divergence `[b, s]`; with kd.chunk_size, `chunk_size` positions at
-        a time, each chunk's full-vocabulary temporaries recomputed in the backward instead of
-        kept (the student's logits gradient is then the only logits-sized tensor)."""
+    def adjust_tensor_shapes(self, models, **shapes):
+        """No extra activations travel between pipeline stages (cache_teacher needs PP=1)."""
+        return None
 
-        def rows(z, lp, ids, r):
-            return teacher_cache.cached_per_position(
-                z, lp, ids, r, kind=self.kd.kind, temperature=self.kd.temperature,
-                beta=self.kd.beta, group=group, vocab_limit=self.shared_vocab,
-            )  # fmt: skip
-
-        chunk = self.kd.chunk_size
-        if not chunk:
-            return rows(logits, log_probs, indices, rest)
-        from torch.utils.checkpoint import checkpoint
-
-        run = rows
-        if torch.is_grad_enabled():
-            run = partial(checkpoint, rows, use_reentrant=False)
-        flat = [t.reshape(-1, *t.shape[2:]) for t in (logits, log_probs, indices, rest)]
-        out = [run(*(t[i : i + chunk] for t in flat)) for i in range(0, flat[0].shape[0], chunk)]
-        return torch.cat(out).view(logits.shape[:2])
-
-    @property
-    def lm_in_gradient(self) -> bool:
-        return (self.kd.alpha is None and not self.kd.skip_lm_loss) or (
-            self.kd.alpha is not None and self.kd.alpha < 1.0
-        )
-
-    def terms(self, student, logits, batch: dict, training: bool) -> dict:
+    def terms(self, logits, batch: dict, training: bool) -> dict:
         """Token sums of this micro-batch: `lm` (the student's CE), `logits` (KD from the cache),
         `intermediate` (0) and `total` (what is backpropagated, mixed like the online path).
         `logits` is the student's output `[b, s, V/TP]` on the last pipeline stage."""
-        import modelopt.torch.distill as mtd
+        # heavy; the run has loaded both already
         from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+        from modelopt.torch.distill.loss_balancers import STUDENT_LOSS_KEY
 
+        kd = self.criterion.kd
         mask = batch["loss_mask"]
-        # megatron's CE overwrites its logits argument in place: give it a copy
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.lm_in_gradient and training):
-            lm = student.compute_language_model_loss(
-                batch["labels"], logits.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-            )
-        lm_sum = kd_lib.masked_sum(lm, mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and kd.lm_in_gradient and training):
+            lm = lm_loss(self.student, batch["labels"], logits.transpose(0, 1), copy=True)
+        lm_sum = masked_sum(lm, mask)
         split = "train" if training else "valid"
         ids = batch["sample_ids"].cpu().numpy()
         log_probs, indices, rest = (
             t.to(logits.device)
             for t in self.caches[split].lookup(ids, tokens=batch["tokens"].cpu())
         )
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        per_token = self._per_position(logits, log_probs, indices, rest, group)
-        if self.kd.temperature_squared:
-            per_token = per_token * self.kd.temperature**2
-        # The value is the same on every TP rank and its backward sums over the group: each
-        # rank contributes 1/TP, and the gather (whose backward keeps each rank's own share)
-        # adds the shares back to the value (teacher_cache's docstring).
-        kd_sum = kd_lib.masked_sum(per_token / tp, mask)
-        if tp > 1:
-            kd_sum = gather_from_tensor_model_parallel_region(kd_sum.reshape(1)).sum()
-        out = self.balancer({mtd.loss_balancers.STUDENT_LOSS_KEY: lm_sum, "LogitsKDLoss": kd_sum})
+        group = None
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            group = parallel_state.get_tensor_model_parallel_group()
+        per_token = self.criterion.per_token(logits, CachedTopK(log_probs, indices, rest), group)
+        kd_sum = self.criterion.token_sum(per_token, mask, group)
+        out = self.balancer({STUDENT_LOSS_KEY: lm_sum, "LogitsKDLoss": kd_sum})
         return {
             "total": out["kd_loss"],
             "lm": lm_sum,

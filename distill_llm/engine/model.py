@@ -3,6 +3,7 @@
 import dataclasses
 import math
 from dataclasses import dataclass
+from types import MethodType
 from typing import Literal, Optional
 
 import torch
@@ -197,6 +198,42 @@ def layer_spec(cfg: ModelConfig):
     )
 
 
+# A logit of probability exactly 0 that keeps every later operation finite.
+EXCLUDED_LOGIT = -1e30
+
+
+def padding_ids(local: int, real: int, rank: int, device=None) -> Optional[torch.Tensor]:
+    """Bool `[local]`: which ids of a vocabulary shard (rank x local onwards) are at or beyond
+    `real` (Megatron's padding rows); None when none are."""
+    first_padding = real - rank * local
+    if first_padding >= local:
+        return None
+    return torch.arange(local, device=device) >= first_padding
+
+
+def lm_loss(model, labels: torch.Tensor, logits: torch.Tensor, copy: bool = False):
+    """The language-model loss of a GPTModel over its real vocabulary: per-token cross entropy
+    `[b, s]` of `labels` `[b, s]` under `logits` `[s, b, V/TP]` (this rank's shard), with
+    Megatron's padding rows (ids >= model.real_vocab_size) given probability 0.
+
+    megatron's `vocab_parallel_cross_entropy` overwrites its logits argument in place (its
+    `.float()` copies nothing for fp32 logits): with `copy` the CE gets a copy, so logits read
+    afterwards (by a KD loss) stay logits. Masking the padding makes that copy anyway."""
+    # megatron-core is heavy to import; every caller has already built a model with it
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    local = logits.shape[-1]
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    real = getattr(model, "real_vocab_size", local * 10**9)
+    excluded = padding_ids(local, real, rank, logits.device)
+    if excluded is not None:
+        logits = logits.float().masked_fill(excluded, EXCLUDED_LOGIT).contiguous()
+    elif copy and logits.dtype == torch.float32:
+        logits = logits.clone(memory_format=torch.contiguous_format)
+    return GPTModel.compute_language_model_loss(model, labels, logits)
+
+
 def build_gpt(
     cfg: ModelConfig,
     *,
@@ -227,9 +264,10 @@ def build_gpt(
         rope_scaling=cfg.rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
     )
-    # Ids from here up to the padded size are Megatron's padding rows, not tokens: the KD
-    # loss leaves them out (distill_llm.kd).
+    # Ids from here up to the padded size are Megatron's padding rows, not tokens: the LM
+    # loss (below) and the KD loss (kd.criterion) leave them out.
     model.real_vocab_size = cfg.vocab_size
+    model.compute_language_model_loss = MethodType(lm_loss, model)
     if params_dtype != torch.float32:
         # Megatron-LM's Float16Module does the same: every parameter in the low precision,
         # norms included (the local spec builds norm weights in fp32). The optimizer keeps

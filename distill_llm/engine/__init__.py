@@ -1,0 +1,3 @@
+"""The megatron-core runtime: model construction (`model`), process groups (`parallel`), the
+training loop (`training`), checkpoints (`checkpoint`), run directories (`run_dir`) and the
+CPU workarounds megatron-core needs without CUDA (`cpu_compat`)."""
