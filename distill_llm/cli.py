@@ -191,6 +191,8 @@ class CheckedRunContext(RunContext):
     log tail when the job fails (NeMo-Run's `run.run` returns None then)."""
 
     def cli_execute(self, fn, args, entrypoint_type="task"):
+        """NeMo-Run's `cli_execute`, except that a ConfigError, or any other error unless verbose,
+        exits 2 with one `error:` line."""
         import logging
 
         # the parser logs each error with the whole config before raising; we print one line

@@ -381,6 +381,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
 
 def format_table(results: dict) -> str:
+    """The printed summary of `results`: params, val loss, ppl and KL to the teacher per model,
+    when the KD student reached the baseline's final loss, and per-seed losses for several seeds."""
     rows = [f"{'model':<18}{'params':>10}{'val loss':>10}{'ppl':>10}{'KL to teacher':>15}"]
     for key in ("teacher", "kd_student", "baseline_student"):
         r = results[key]
@@ -413,6 +415,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """The `python -m distill_llm.quickstart` command line: runs the whole quickstart, returns 0."""
     parser = argparse.ArgumentParser(prog="python -m distill_llm.quickstart")
     parser.add_argument("--output-dir", default="runs/quickstart")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234])

@@ -156,6 +156,8 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus(git_repo, tmp_path):
         "export CUDA_DEVICE_MAX_CONNECTIONS=1",
     ):
         assert line in sbatch
+    # the script is one valid bash program
+    assert subprocess.run(["bash", "-n", str(scripts[0])]).returncode == 0
     srun = next(ln for ln in sbatch.splitlines() if ln.startswith("srun ") and "torchrun" in ln)
     assert "--container-image nvcr.io/nvidia/nemo:" in srun
     assert re.search(
@@ -167,6 +169,43 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus(git_repo, tmp_path):
     # the task config it ships: the recipe with the override
     config = next(tmp_path.rglob("distill_config.yaml")).read_text()
     assert "teacher: /ckpt/llama31_8b" in config and "tensor_parallel: 2" in config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("run.executor.account=acct;touch pwned", "error: run.executor.account (Slurm account)"),
+        ("run.executor.partition=batch`touch pwned`", "error: run.executor.partition"),
+        ("run.executor.container_mounts=['/a:/a;touch pwned']", "error: run.executor.container_"),
+        ("run.executor.env_vars={'X;touch pwned':'1'}", "error: run.executor.env_vars: 'X;touch"),
+        ("run.executor.env_vars={'X':'$(touch pwned)'}", "error: run.executor.env_vars.X"),
+    ],
+)
+def test_a_value_that_would_reach_the_script_unquoted_is_refused(
+    git_repo, tmp_path, override, message
+):
+    """NeMo-Run writes the job name and log paths (derived from the account) into the sbatch
+    script unquoted: such values are refused before any script is written."""
+    args = ["distill", "-f", "llama31_8b_to_llama32_1b", "run.executor=slurm"]
+    args += ["run.executor.partition=batch", override, "--dryrun"]  # the later value wins
+    out = _nemo(args, git_repo, tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith(message), out.stderr[-2000:]
+    assert not list(tmp_path.rglob("*_sbatch.sh"))
+    assert not list(tmp_path.rglob("pwned")) and not list(git_repo.rglob("pwned"))
+
+
+def test_executor_factories_refuse_unsafe_values():
+    from distill_llm.errors import ConfigError
+    from distill_llm.executors import docker, slurm
+
+    slurm(account="acct-1", partition="batch,debug", container_mounts=["/a/b:/c:ro"])
+    for bad in (dict(account="a;b"), dict(partition="p q"), dict(container_mounts=["/a:$(x)"])):
+        with pytest.raises(ConfigError, match="would reach the job script unquoted"):
+            slurm(**bad)
+    with pytest.raises(ConfigError, match="docker volumes entry"):
+        docker(volumes=["/a:/b|c"])
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,31 @@ def test_distributed_optimizer_resume_at_dp2(tmp):
     assert len(straight) == 4 and resumed == straight
     a, b = _final_weights(tmp / "dist_straight/final"), _final_weights(tmp / "dist_resumed/final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Payload:
+    """Unpickling this creates the file `marker`: what a hostile RNG file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_rng_file_is_refused_not_executed(tmp):
+    import shutil
+
+    crafted = tmp / "crafted" / "checkpoints"
+    crafted.mkdir(parents=True)
+    shutil.copytree(tmp / "straight/checkpoints/iter_0000003", crafted / "iter_0000003")
+    (crafted / "latest").write_text("iter_0000003")
+    marker = tmp / "code_ran"
+    rng = crafted / "iter_0000003/rng/rank_0.pt"
+    # the checkpoint as written loads weights-only (no pickled objects in our RNG files)
+    assert set(torch.load(rng, weights_only=True)) >= {"python", "numpy", "torch", "tracker"}
+    torch.save({"python": _Payload(str(marker))}, rng)
+    out = run_worker(tmp, [_job(tmp, "crafted", save_every=3)], expect_ok=False)
+    assert out.returncode != 0
+    assert "is not an RNG state file distill_llm wrote" in out.stderr
+    assert not marker.exists()

@@ -90,6 +90,8 @@ def raw_records(files: list[Path]) -> Iterator[tuple[str, int, str, bool, int]]:
 
 
 def text_of(record: tuple[str, int, str, bool, int], text_key: str) -> str:
+    """The document text of a `raw_records` record: a text paragraph without its final newline,
+    or a JSON line's `text_key` field; ConfigError naming file:line when that is missing or bad."""
     path, line, raw, is_json, _ = record
     if not is_json:
         return raw.rstrip("\n")

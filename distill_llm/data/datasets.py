@@ -51,6 +51,7 @@ class DataConfig:
 
     @property
     def mock(self) -> bool:
+        """Whether `paths` is empty, so megatron-core's mock GPT data is used."""
         return not self.paths
 
     def resolve(
@@ -198,6 +199,7 @@ class IndexInfo:
 
     @property
     def num_documents(self) -> int:
+        """The number of documents in the index (`document_indices` entries minus one)."""
         return len(self.document_indices) - 1
 
     def identity(self) -> dict:
@@ -287,6 +289,7 @@ class DataSource:
 
     @property
     def mock(self) -> bool:
+        """Whether the blend has no prefixes, i.e. megatron-core's mock GPT data."""
         return not self.prefixes
 
 
@@ -328,6 +331,7 @@ class BatchPlan:
 
     @property
     def num_microbatches(self) -> int:
+        """Micro-batches per global batch on each data-parallel rank (gradient accumulation)."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
     def indices(self, consumed_samples: int) -> list[list[int]]:

@@ -50,10 +50,12 @@ class PreprocessSummary:
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens written per second of wall time."""
         return self.tokens / max(self.seconds, 1e-9)
 
     @property
     def mb_per_s(self) -> float:
+        """Megabytes (10^6 bytes) of document text read per second of wall time."""
         return self.text_bytes / 1e6 / max(self.seconds, 1e-9)
 
 
@@ -261,6 +263,8 @@ def preprocess(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `python -m distill_llm.preprocess` command line: 0 on success, 2 with one `error:`
+    line for a ConfigError."""
     parser = argparse.ArgumentParser(
         prog="python -m distill_llm.preprocess",
         description="Tokenize JSONL or text files into a Megatron indexed dataset.",

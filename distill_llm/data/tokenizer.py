@@ -46,12 +46,15 @@ class Tokenizer:
     fingerprint: str
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
         raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text in `texts` (one `encode` call each, unless overridden)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text the token ids `ids` stand for."""
         raise NotImplementedError
 
     def pieces(self) -> list[str]:
@@ -148,15 +151,20 @@ class HFTokenizer(Tokenizer):
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text` from `tokenizer.json`, without special tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text in `texts`, in one batched `tokenizers` call, without special
+        tokens."""
         return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids `ids`, special tokens left in."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
     def pieces(self) -> list[str]:
+        """Every token's string (added tokens included), indexed by id; "" for an unused id."""
         by_id = {i: t for t, i in self._tok.get_vocab(with_added_tokens=True).items()}
         return [by_id.get(i, "") for i in range(self.vocab_size)]
 
@@ -196,15 +204,19 @@ class SentencePieceTokenizer(Tokenizer):
         return default if default >= 0 else None
 
     def pieces(self) -> list[str]:
+        """Every piece's string, indexed by id."""
         return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or EOS."""
         return self._sp.Encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text in `texts`, in one SentencePiece call."""
         return self._sp.Encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids `ids`."""
         return self._sp.Decode(list(int(i) for i in ids))
 
 
@@ -286,6 +298,8 @@ def train_bpe_tokenizer(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `python -m distill_llm.tokenizer` command line (train a BPE tokenizer): 0 on success,
+    2 with one `error:` line for a ConfigError."""
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -46,10 +46,12 @@ class ModelConfig:
 
     @property
     def query_groups(self) -> int:
+        """Key/value head count: `num_query_groups`, or one per attention head when unset."""
         return self.num_query_groups or self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
+        """Per-head width: `kv_channels`, or hidden_size / num_attention_heads when unset."""
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
@@ -108,10 +110,12 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict:
+        """The config as a plain dict of its fields."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """A ModelConfig from `to_dict`'s output; ConfigError naming any unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -25,6 +25,7 @@ class ParallelConfig:
 
     @property
     def params_dtype(self) -> torch.dtype:
+        """The parameter and compute dtype: torch.bfloat16 for bf16, else torch.float32."""
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def validate(self, world_size: int) -> int:
@@ -44,6 +45,7 @@ class ParallelConfig:
 
 
 def world_size_from_env() -> int:
+    """The number of processes, from `WORLD_SIZE` (set by torchrun); 1 when unset."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -96,14 +98,17 @@ def seed_everything(seed: int) -> None:
 
 
 def rank() -> int:
+    """This process's global rank; 0 when torch.distributed is not initialised."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def is_main() -> bool:
+    """Whether this is global rank 0, the rank that writes files and prints."""
     return rank() == 0
 
 
 def barrier() -> None:
+    """Blocks until every rank reaches it; a no-op when torch.distributed is not initialised."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

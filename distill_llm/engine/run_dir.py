@@ -26,6 +26,7 @@ from distill_llm.engine import parallel
 
 
 def write_config(run_dir: Path, config: dict) -> None:
+    """Writes `config` to `<run_dir>/config.yaml` (global rank 0 only)."""
     if parallel.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -60,6 +61,8 @@ class RunLog:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, event: dict) -> None:
+        """Appends `event` to metrics.jsonl, its finite numbers to TensorBoard, and shows it on the
+        console (global rank 0 only)."""
         if not self.enabled:
             return
         self._metrics.write(json.dumps(event) + "\n")
@@ -101,6 +104,7 @@ class RunLog:
             (self._bar.write if self._bar is not None else print)(text)
 
     def close(self) -> None:
+        """Closes the progress bar, metrics.jsonl and the TensorBoard writer (rank 0 only)."""
         if not self.enabled:
             return
         if self._bar is not None:

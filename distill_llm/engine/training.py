@@ -35,6 +35,7 @@ class TrainConfig:
     seed: int = 1234  # weights init, dropout, data order
 
     def validate(self) -> None:
+        """Raises ConfigError when a count or interval is out of range or seq_length < 2."""
         for name in ("steps", "log_every", "val_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -59,6 +60,7 @@ class OptimConfig:
     clip_grad: float = 1.0  # max global gradient norm (0 disables clipping)
 
     def validate(self) -> None:
+        """Raises ConfigError unless lr > 0, 0 <= min_lr <= lr and warmup_steps >= 0."""
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError(
                 f"optim: need lr > 0 and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}"
@@ -202,9 +204,12 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     @property
     def ckpt_root(self) -> Path:
+        """The directory of training checkpoints, `<run_dir>/checkpoints`."""
         return self.run_dir / "checkpoints"
 
     def maybe_resume(self) -> bool:
+        """Loads the `latest` training checkpoint, if any, with its step and consumed samples;
+        True when it resumed. ConfigError when that checkpoint's sample stream differs."""
         latest = checkpoint.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return False
@@ -225,6 +230,7 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        """Saves a resumable checkpoint (model, optimizer, scheduler, progress) in `ckpt_root`."""
         checkpoint.save_training(
             self.ckpt_root,
             step=self.step,
@@ -266,6 +272,8 @@ class Trainer:
         )
 
     def train_step(self, iterator) -> dict[str, float]:
+        """One optimizer step over a global batch from `iterator`: the token-weighted mean
+        "lm", "kd" and "intermediate" losses, plus "grad_norm"."""
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -282,6 +290,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """The "valid" event for metrics.jsonl, from `train.val_batches` global batches of
+        validation data: val_lm_loss, val_ppl, and the KD losses when distilling (else None)."""
         self.ddp.eval()
         n = self.train_cfg.val_batches
         reports = self._forward_backward(

@@ -107,9 +107,13 @@ class LiveLogits:
         return student, t2
 
     def rows(self, kd: KDConfig, s, t_rows, group):
+        """This rank's share of the divergence (no T^2, no mask) per row: float32 `[n]` from student
+        rows `s` and teacher rows `t_rows`, both `[n, V/TP]`."""
         return losses.per_position(kd.kind, s, t_rows, kd.temperature, kd.beta, group)
 
     def rows_and_grad(self, kd: KDConfig, s, t_rows, group):
+        """`rows` `[n]` and the gradient of their sum with respect to `s` (`[n, V/TP]`, in `s`'s
+        dtype), in closed form for forward and reverse KL."""
         return losses._rows_and_grad(kd.kind, s, t_rows, kd.temperature, kd.beta, None, group)
 
 
@@ -139,6 +143,8 @@ class CachedTopK:
         return value / _tp(group)[1]
 
     def rows_and_grad(self, kd: KDConfig, s, cache_rows, group):
+        """`rows` `[n]` and, by autograd, the gradient of their sum with respect to `s`
+        (`[n, V/TP]`, in `s`'s dtype)."""
         return losses.autograd_rows_and_grad(lambda _, z: self.rows(kd, z, cache_rows, group))(
             None, s
         )

@@ -95,6 +95,7 @@ def per_position(kind: str, student, teacher, temperature: float, beta: float, g
 
 
 def check_settings(kind: str, temperature: float, beta: float) -> None:
+    """Raises ConfigError unless `kind` is known, `temperature` > 0 and, for jsd, 0 < `beta` < 1."""
     if kind not in KINDS:
         raise ConfigError(f"KD loss kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
     if not temperature > 0:

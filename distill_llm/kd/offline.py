@@ -76,6 +76,8 @@ def read_provenance(path: str) -> dict:
 
 
 def open_caches(path: str) -> dict:
+    """The `train` and `valid` TeacherCache of cache directory `path`; ConfigError when it is
+    not a teacher cache."""
     root = Path(path)
     if not (root / "train").is_dir() or not (root / "valid").is_dir():
         raise ConfigError(

@@ -41,6 +41,7 @@ def is_hf_dir(path) -> bool:
 
 
 def read_config(path) -> dict:
+    """The parsed `config.json` of HF directory `path`; ConfigError when missing or invalid."""
     p = Path(path)
     if not p.is_dir():
         raise ConfigError(f"Hugging Face directory {str(p)!r} does not exist")
@@ -53,6 +54,8 @@ def read_config(path) -> dict:
 
 
 def family_of(hf: dict, where: str) -> str:
+    """The family (llama, mistral, qwen2, qwen3) of an HF config's architectures; ConfigError
+    naming `where` when none is supported."""
     archs = hf.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED:
@@ -139,6 +142,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> Tuple[ModelCon
 
 
 def source_dtype(hf: dict, where: str) -> torch.dtype:
+    """The torch dtype an HF config records (`dtype` or `torch_dtype`); float32 when absent."""
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"  # 5.x writes dtype
     if name not in DTYPES:
         raise ConfigError(f"{where}: dtype {name!r} is unknown; known: {', '.join(DTYPES)}")
@@ -208,6 +212,7 @@ def family_for(cfg: ModelConfig, recorded: Optional[str] = None) -> str:
 
 
 def check_exportable(cfg: ModelConfig, family: str) -> None:
+    """Raises ConfigError when `cfg`'s biases or QK norm cannot be written as `family`."""
     if family == "qwen2" and (not cfg.add_qkv_bias or cfg.add_bias_linear):
         raise ConfigError("a Qwen2 export needs QKV biases only (add_qkv_bias, no add_bias_linear)")
     if family != "qwen2" and cfg.add_qkv_bias and not cfg.add_bias_linear:
@@ -217,6 +222,7 @@ def check_exportable(cfg: ModelConfig, family: str) -> None:
 
 
 def find_tokenizer_dir(path: Path) -> Optional[Path]:
+    """`path` when it holds `tokenizer.json` or `tokenizer.model`, else None."""
     return (
         path
         if any((path / f).is_file() for f in TOKENIZER_FILES[:1] + ("tokenizer.model",))

@@ -258,6 +258,8 @@ def export_hf(
 
 
 def main(argv=None) -> int:
+    """The `python -m distill_llm.hf` command line (`import` / `export`): 0 on success, 2 with
+    one `error:` line for a ConfigError."""
     import argparse
 
     ap = argparse.ArgumentParser(

@@ -71,6 +71,8 @@ class HFWeights:
         return self._open[f]
 
     def shape(self, name: str) -> tuple:
+        """The shape of tensor `name`, read without loading it; ConfigError unless it is float32,
+        bfloat16 or float16."""
         piece = self._handle(name).get_slice(name)
         if piece.get_dtype() not in ("F32", "BF16", "F16"):
             raise ConfigError(
@@ -80,6 +82,7 @@ class HFWeights:
         return tuple(piece.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor `name`, loaded from its safetensors file."""
         return self._handle(name).get_tensor(name)
 
 
