@@ -23,6 +23,7 @@ from distill_llm.engine.parallel import ParallelConfig
 from distill_llm.engine.run_dir import write_config
 from distill_llm.engine.training import OptimConfig, TrainConfig, Trainer
 from distill_llm.formats import paths
+from distill_llm.formats.hf.io import export_checkpoint
 from distill_llm.kd import offline
 from distill_llm.kd.config import KDConfig
 
@@ -73,9 +74,7 @@ def _export(plan: Optional[dict], summary: dict, model_cfg, parallel) -> dict:
     """Write the final model (reloaded from `final/`, TP shards gathered) as an HF directory."""
     if plan is None:
         return summary
-    from distill_llm.formats.hf import io as hf_lib
-
-    hf_lib.export_checkpoint(summary["final"], model_cfg, plan["dir"], parallel,
+    export_checkpoint(summary["final"], model_cfg, plan["dir"], parallel,
                              family=plan["family"], dtype=plan["dtype"],
                              tokenizer=plan["tokenizer"])  # fmt: skip
     if dist.is_main():

@@ -31,9 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+from distill_llm import api
 from distill_llm.data.datasets import DataConfig
+from distill_llm.data.preprocess import preprocess
+from distill_llm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+from distill_llm.engine import parallel
 from distill_llm.engine.model import ModelConfig
 from distill_llm.engine.parallel import ParallelConfig
+from distill_llm.engine.run_dir import read_metrics
 from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.kd.config import KDConfig
 
@@ -124,8 +129,6 @@ def build_corpus(out: Path, megabytes: float, valid_fraction: float) -> dict:
 
 def prepare_data(cfg: QuickstartConfig) -> dict:
     """Corpus, tokenizer and the indexed dataset, reused while their settings match."""
-    from distill_llm.data.preprocess import preprocess
-    from distill_llm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     root = Path(cfg.output_dir) / "data"
     settings = {
@@ -202,9 +205,6 @@ def evaluate_models(
 ) -> dict:
     """`api.evaluate` of several checkpoints against one teacher, in one process; writes
     {name: result} to `output_file`."""
-    from distill_llm import api
-    from distill_llm.engine import parallel
-
     results = {
         name: api.evaluate(teacher, path, data=data, train=train)
         for name, path in checkpoints.items()
@@ -215,8 +215,6 @@ def evaluate_models(
 
 
 def _curve(run_dir: Path) -> list:
-    from distill_llm.engine.run_dir import read_metrics
-
     return [[e["step"], e["val_lm_loss"]] for e in read_metrics(run_dir, "valid")]
 
 
@@ -263,9 +261,9 @@ def _first_reaching(curve: list, level: float):
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     """Every stage, then `results.json`, `loss_curves.png` and a printed table."""
+    # NeMo-Run (and the CLI module built on it) is heavy to import: `--help` stays quick
     import nemo_run as run
 
-    from distill_llm import api
     from distill_llm.cli import JobFailed, _log_tail
 
     out = Path(cfg.output_dir).resolve()

@@ -54,11 +54,11 @@ def recipe(
         teacher=teacher,
         teacher_cache=teacher_cache,
         student=models.tiny_student(),
-        kd=training.kd_loss(temperature=TEMPERATURE, skip_lm_loss=True),
+        kd=training.kd_loss(temperature=TEMPERATURE),
         data=data.mock(),
         train=train_config(steps),
         optim=training.adamw_cosine(lr=2e-3, min_lr=2e-4, warmup_steps=5),
-        parallel=training.layout(tensor_parallel=1, precision="fp32", distributed_optimizer=False),
+        parallel=training.layout(),  # ParallelConfig's defaults: TP=1, fp32, plain Adam
         output_dir=output_dir,
     )
 

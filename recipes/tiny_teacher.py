@@ -35,7 +35,7 @@ def recipe(output_dir: str = "runs/tiny/teacher", steps: int = 100) -> run.Parti
             save_every=0,
         ),  # fmt: skip
         optim=training.adamw_cosine(lr=2e-3, min_lr=2e-4, warmup_steps=10),
-        parallel=training.layout(tensor_parallel=1, precision="fp32", distributed_optimizer=False),
+        parallel=training.layout(),  # ParallelConfig's defaults: TP=1, fp32, plain Adam
         output_dir=output_dir,
     )
 

@@ -9,29 +9,34 @@ from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.kd.config import KDConfig
 from distill_llm.recipes import data
 
+# Every factory's defaults ARE the dataclasses' (KDConfig, TrainConfig, OptimConfig,
+# ParallelConfig): one default per field, stated once. Where a recipe deliberately differs
+# (bf16, 4096-token sequences on GPUs), it says so in the recipe (see gpu_kd_settings).
+_KD, _TRAIN, _OPTIM, _PAR = KDConfig, TrainConfig, OptimConfig, ParallelConfig
+
 
 @run.cli.factory
 def kd_loss(
-    temperature: float = 1.0,
-    skip_lm_loss: bool = True,
-    kd_loss_scale: float = 1.0,
+    temperature: float = _KD.temperature,
+    skip_lm_loss: bool = _KD.skip_lm_loss,
+    kd_loss_scale: float = _KD.kd_loss_scale,
     intermediate_pairs: Optional[List[List[str]]] = None,
-    kind: str = "forward_kl",
-    temperature_squared: bool = True,
-    beta: float = 0.5,
-    alpha: Optional[float] = None,
-    intermediate_weight: float = 1.0,
-    chunk_size: Optional[int] = None,
-    cache_top_k: Optional[int] = None,
-    fused_output_layer: bool = False,
+    kind: str = _KD.kind,
+    temperature_squared: bool = _KD.temperature_squared,
+    beta: float = _KD.beta,
+    alpha: Optional[float] = _KD.alpha,
+    intermediate_weight: float = _KD.intermediate_weight,
+    chunk_size: Optional[int] = _KD.chunk_size,
+    cache_top_k: Optional[int] = _KD.cache_top_k,
+    fused_output_layer: bool = _KD.fused_output_layer,
 ) -> run.Config[KDConfig]:
     """Logits KD (`kind`: forward_kl, reverse_kl, jsd with `beta`, tvd; at `temperature`, times
     T^2 unless `temperature_squared=False`), alone or with the student's LM loss: statically,
     (1 - alpha) LM + alpha KD, or with ModelOpt's dynamic balancer (`alpha=None`,
     `skip_lm_loss=False`, weighted by `kd_loss_scale`); plus optional intermediate pairs.
-    `chunk_size`: positions per chunk of the logits loss (memory-lean for big vocabularies);
+    `chunk_size`: positions per chunk of the logits loss (None: all at once);
     `fused_output_layer`: the student's logits are never built (KD-only training);
-    `cache_top_k`: with a teacher cache, the k it must hold."""
+    `cache_top_k`: with a teacher cache, the k it must hold. Defaults: KDConfig's."""
     return run.Config(
         KDConfig,
         kind=kind,
@@ -51,9 +56,13 @@ def kd_loss(
 
 @run.cli.factory
 def adamw_cosine(
-    lr: float = 3e-4, min_lr: float = 3e-5, warmup_steps: int = 10, weight_decay: float = 0.01
+    lr: float = _OPTIM.lr,
+    min_lr: float = _OPTIM.min_lr,
+    warmup_steps: int = _OPTIM.warmup_steps,
+    weight_decay: float = _OPTIM.weight_decay,
 ) -> run.Config[OptimConfig]:
-    """AdamW (beta2 0.95, clip 1.0), linear warm-up then cosine decay to `min_lr`."""
+    """AdamW (beta2 0.95, clip 1.0), linear warm-up then cosine decay to `min_lr`.
+    Defaults: OptimConfig's."""
     return run.Config(
         OptimConfig, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay
     )
@@ -61,15 +70,15 @@ def adamw_cosine(
 
 @run.cli.factory
 def trainer(
-    steps: int = 100,
-    micro_batch_size: int = 1,
-    global_batch_size: int = 8,
-    seq_length: int = 4096,
-    val_every: int = 50,
-    save_every: int = 50,
+    steps: int = _TRAIN.steps,
+    micro_batch_size: int = _TRAIN.micro_batch_size,
+    global_batch_size: int = _TRAIN.global_batch_size,
+    seq_length: int = _TRAIN.seq_length,
+    val_every: int = _TRAIN.val_every,
+    save_every: int = _TRAIN.save_every,
 ) -> run.Config[TrainConfig]:
     """Training length, batch sizes (global = micro x accumulation x data parallel) and the
-    validation / checkpoint cadence."""
+    validation / checkpoint cadence. Defaults: TrainConfig's."""
     return run.Config(
         TrainConfig,
         steps=steps,
@@ -83,30 +92,34 @@ def trainer(
 
 @run.cli.factory
 def layout(
-    tensor_parallel: int = 1,
-    precision: str = "bf16",
-    distributed_optimizer: bool = True,
-    pipeline_parallel: int = 1,
+    tensor_parallel: int = _PAR.tensor_parallel,
+    precision: str = _PAR.precision,
+    use_distributed_optimizer: bool = _PAR.use_distributed_optimizer,
+    pipeline_parallel: int = _PAR.pipeline_parallel,
 ) -> run.Config[ParallelConfig]:
     """Tensor- and pipeline-parallel sizes (the rest of the processes are data parallel),
-    precision, and whether optimizer states are sharded over data-parallel ranks."""
+    precision, and whether optimizer states are sharded over data-parallel ranks.
+    Defaults: ParallelConfig's."""
     return run.Config(
         ParallelConfig,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         precision=precision,
-        use_distributed_optimizer=distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
 
 
 def gpu_kd_settings(steps: int) -> dict:
-    """What the published-model recipes share: logits KD at T=1 on the KD loss alone, data
-    from `data.paths`, 4096-token sequences, global batch 128, AdamW 1e-4 with cosine decay,
-    TP=2 in bf16 with the distributed optimizer (8 GPUs per node). The logits loss runs 1024
-    positions at a time: the 128k-256k vocabularies make each full-vocabulary float32 copy of a
-    4096-token micro-batch 1-2 GiB per TP rank."""
+    """What the published-model recipes share, and where they deliberately differ from the
+    dataclass defaults (which suit a CPU): 4096-token sequences (the models' pretraining length)
+    with micro-batch 1 and global batch 128; AdamW at 1e-4 (fine-tuning pretrained-size models);
+    TP=2 in bf16 with the distributed optimizer (8 GPUs per node: bf16 halves memory and uses
+    the tensor cores; sharded Adam states free the room KD needs for the teacher). The logits
+    loss runs 1024 positions at a time (default 256): the 128k-256k vocabularies make each
+    full-vocabulary float32 copy of a 4096-token micro-batch 1-2 GiB per TP rank, and larger
+    chunks amortise the per-chunk overhead on a GPU."""
     return dict(
-        kd=kd_loss(temperature=1.0, skip_lm_loss=True, chunk_size=1024),
+        kd=kd_loss(chunk_size=1024),
         data=data.blend(),
         train=trainer(
             steps=steps,
@@ -117,5 +130,5 @@ def gpu_kd_settings(steps: int) -> dict:
             save_every=100,
         ),  # fmt: skip
         optim=adamw_cosine(lr=1e-4, min_lr=1e-5, warmup_steps=50),
-        parallel=layout(tensor_parallel=2, precision="bf16"),
+        parallel=layout(tensor_parallel=2, precision="bf16", use_distributed_optimizer=True),
     )

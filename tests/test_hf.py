@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from distill_llm.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 from distill_llm.errors import ConfigError  # noqa: E402
-from distill_llm.formats.hf import io as hf  # noqa: E402
+from distill_llm.formats import hf  # noqa: E402
 
 BASE = dict(
     hidden_size=64,
@@ -127,7 +127,7 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(converted, family)
     for name, t in original.items():
         assert t.dtype == exported[name].dtype and torch.equal(t, exported[name]), name
     config = json.loads((d / "export/config.json").read_text())
-    assert config["model_type"] == family and config["architectures"] == [hf._CLASS_OF[family]]
+    assert config["model_type"] == family and config["architectures"] == [hf.CLASS_OF[family]]
     assert (d / "export/generation_config.json").is_file()
 
 

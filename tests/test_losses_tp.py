@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_losses import away_from_tvd_kinks
 
 from distill_llm.kd.losses import KINDS, chunked_per_position, per_position
 
@@ -45,11 +46,14 @@ def _worker(rank: int, port: int) -> None:
         group = dist.group.WORLD
         student, teacher, grad_rows = _inputs()
         shard = slice(rank * VOCAB // WORLD, (rank + 1) * VOCAB // WORLD)
-        t_shard = teacher[..., shard].contiguous()
         for kind in KINDS:
             for temperature in (0.5, 1.0, 4.0):
+                t_full = teacher
+                if kind == "tvd":  # see away_from_tvd_kinks: no sign(0) for rounding to flip
+                    t_full = away_from_tvd_kinks(student, teacher, temperature)
+                t_shard = t_full[..., shard].contiguous()
                 s_full = student.clone().requires_grad_()
-                full = per_position(kind, s_full, teacher, temperature, 0.3)
+                full = per_position(kind, s_full, t_full, temperature, 0.3)
                 (full * grad_rows).sum().backward()
                 # what Megatron's path does today: autograd through per_position with the group
                 s_auto = student[..., shard].clone().requires_grad_()

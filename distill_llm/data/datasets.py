@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 import torch
 
+from distill_llm.data.tokenizer import load_tokenizer
 from distill_llm.errors import ConfigError
 
 _IDX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset._INDEX_HEADER, version 1
@@ -92,8 +93,6 @@ class DataConfig:
         refuses data made with a different tokenizer than the one given."""
         given = None
         if self.tokenizer:
-            from distill_llm.data.tokenizer import load_tokenizer
-
             given = load_tokenizer(self.tokenizer).describe()
         for info in infos:
             made_with = (info.meta or {}).get("tokenizer")

@@ -207,8 +207,9 @@ EXCLUDED_LOGIT = -1e30
 
 
 def padding_ids(local: int, real: int, rank: int, device=None) -> Optional[torch.Tensor]:
-    """Bool `[local]`: which ids of a vocabulary shard (rank x local onwards) are at or beyond
-    `real` (Megatron's padding rows); None when none are."""
+    """THE shared-vocabulary rule's mask: which ids of a vocabulary shard (rank x local onwards)
+    are at or beyond `real` (Megatron's padding rows, or ids another model lacks), bool
+    `[local]`; None when none are. Those ids get probability exactly 0 in every loss."""
     first_padding = real - rank * local
     if first_padding >= local:
         return None

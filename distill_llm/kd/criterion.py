@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from distill_llm.engine.model import padding_ids
 from distill_llm.kd import losses, teacher_cache
 from distill_llm.kd.config import KDConfig
 
@@ -44,11 +45,7 @@ def excluded_ids(local: int, shared: int, group=None, device=None) -> Optional[t
     at rank x local) lie at or beyond `shared`, the ids both models really have (Megatron's
     padding rows, or ids one model lacks). Those get probability exactly 0 in both
     distributions, so no loss or gradient reaches them. Bool `[local]`, or None when none."""
-    rank, _ = _tp(group)
-    real = max(0, min(local, shared - rank * local))
-    if real == local:
-        return None
-    return torch.arange(local, device=device) >= real
+    return padding_ids(local, shared, _tp(group)[0], device)
 
 
 def _exclude(logits: torch.Tensor, excluded: Optional[torch.Tensor]) -> torch.Tensor:

@@ -63,6 +63,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from distill_llm.engine.model import padding_ids
 from distill_llm.errors import ConfigError
 from distill_llm.kd import losses
 
@@ -82,9 +83,7 @@ def _tp(group) -> tuple[int, int]:
 
 def _padding(v_local: int, rank: int, vocab_limit: Optional[int], device) -> Optional[torch.Tensor]:
     """Bool [v_local]: which of this rank's ids are >= vocab_limit (None when none are)."""
-    if vocab_limit is None or (rank + 1) * v_local <= vocab_limit:
-        return None
-    return torch.arange(rank * v_local, (rank + 1) * v_local, device=device) >= vocab_limit
+    return None if vocab_limit is None else padding_ids(v_local, vocab_limit, rank, device)
 
 
 def _check_vocab(v_local: int, size: int, vocab_limit: Optional[int], k: int) -> int:
