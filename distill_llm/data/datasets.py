@@ -9,6 +9,9 @@ BlendedMegatronDatasetBuilder and GPTDataset, or from megatron-core's mock GPT d
 The global order of samples depends only on the data, split, sequence length, seed and number
 of samples, never on the data-parallel layout: rank r of D takes its micro-batches from each
 global batch in turn, so the D ranks together read every sample of the global batch once.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
 """
 
 import hashlib

@@ -13,6 +13,9 @@ another one) and the counts.
 
 Outputs appear atomically: everything is written under temporary names and renamed at the end,
 `.idx` last, so a crash leaves no `.idx` next to a half-written `.bin`.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
 """
 
 import argparse

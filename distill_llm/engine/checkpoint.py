@@ -11,6 +11,9 @@ under the key prefix `model.` and the same `distill_llm.json`.
 
 A save is written to `iter_N.tmp/` and renamed once every rank has finished, then `latest` is
 replaced atomically: a process killed mid-save leaves the previous checkpoint and pointer intact.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""GPT architectures: one dataclass, turned into a megatron-core TransformerConfig and GPTModel."""
+"""GPT architectures: one dataclass, turned into a megatron-core TransformerConfig and GPTModel.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
+"""
 
 import dataclasses
 import math

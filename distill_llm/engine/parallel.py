@@ -1,4 +1,8 @@
-"""torch.distributed and megatron-core parallel_state: process groups, devices and seeding."""
+"""torch.distributed and megatron-core parallel_state: process groups, devices and seeding.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
+"""
 
 import os
 import random

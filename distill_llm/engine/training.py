@@ -1,5 +1,9 @@
 """The training loop on megatron-core: micro-batches, DDP, optimizer, schedule, validation,
-checkpoints. It trains a plain GPT (pretraining) or a ModelOpt distillation wrapper alike."""
+checkpoints. It trains a plain GPT (pretraining) or a ModelOpt distillation wrapper alike.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
+"""
 
 import contextlib
 import math

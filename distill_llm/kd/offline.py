@@ -5,6 +5,9 @@ A cache directory holds `train/` and `valid/` (each a distill_llm.teacher_cache 
 the dataset's sample index) for exactly the sample stream of one `data` + `train` setting:
 the same settings give the same samples, so `distill` with them reads every sample it trains
 or validates on. What the cache was made from is recorded and checked (see `expected`).
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
 """
 
 import contextlib

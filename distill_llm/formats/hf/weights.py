@@ -11,6 +11,9 @@ Weight layout (megatron-core local and TE specs):
     Qwen and Mistral v0.3 vocabularies need no padding at TP 1, 2, 4 or 8.
   - no permutation of q/k rows: both sides rotate halves (non-interleaved RoPE).
 Each TP rank reads only the tensors (and slices) of its own shard.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
 """
 
 import json
