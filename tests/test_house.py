@@ -120,6 +120,28 @@ def test_no_import_circle_and_the_engine_never_imports_recipes_or_executors():
     assert offenders == {}
 
 
+# Wings from the bottom up: a wing imports only wings below it (errors.py sits below all).
+WING_LEVEL = {"data": 0, "engine": 1, "kd": 2, "formats": 2}
+
+
+def test_a_wing_never_imports_a_wing_above_it():
+    graph, _ = import_graph()
+
+    def wing(module):
+        parts = module.split(".")
+        return parts[1] if len(parts) >= 2 and parts[1] in WING_LEVEL else None
+
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if wing(a) and wing(b) and wing(a) != wing(b) and WING_LEVEL[wing(b)] >= WING_LEVEL[wing(a)]
+    )
+    top = sorted(f"{a} -> {b}" for a, ts in graph.items() if wing(a) for b in ts if not wing(b)
+                 and b != "distill_llm.errors")  # fmt: skip
+    assert upward == [] and top == []
+
+
 def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
