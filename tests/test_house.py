@@ -218,3 +218,17 @@ def test_python_dash_m_entry_points_still_run(module):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages explicitly: a wing missing there would be absent from a wheel."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")} | {
+        "distill_llm.recipes",
+        "distill_llm.executors",
+    }
+    assert found == listed
