@@ -23,15 +23,9 @@ import torch
 from distill_llm.engine.model import padding_ids
 from distill_llm.kd import losses, teacher_cache
 from distill_llm.kd.config import KDConfig
+from distill_llm.kd.teacher_cache import tp_rank_size
 
 FUSED_CHUNK = 256  # positions per chunk of the fused loss when kd.chunk_size is None
-
-
-def _tp(group) -> tuple[int, int]:
-    """(rank, size) in the tensor-parallel `group`; (0, 1) without one."""
-    if group is None or torch.distributed.get_world_size(group) == 1:
-        return 0, 1
-    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 def real_vocab(model) -> int:
@@ -45,7 +39,7 @@ def excluded_ids(local: int, shared: int, group=None, device=None) -> Optional[t
     at rank x local) lie at or beyond `shared`, the ids both models really have (Megatron's
     padding rows, or ids one model lacks). Those get probability exactly 0 in both
     distributions, so no loss or gradient reaches them. Bool `[local]`, or None when none."""
-    return padding_ids(local, shared, _tp(group)[0], device)
+    return padding_ids(local, shared, tp_rank_size(group)[0], device)
 
 
 def _exclude(logits: torch.Tensor, excluded: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,7 +55,7 @@ def align_teacher(teacher: torch.Tensor, local_s: int, group=None) -> torch.Tens
     rank's range cut from them; ids the teacher lacks get probability 0."""
     if teacher.shape[-1] == local_s:
         return teacher
-    rank, tp = _tp(group)
+    rank, tp = tp_rank_size(group)
     full = teacher
     if tp > 1:
         pieces = [torch.empty_like(teacher) for _ in range(tp)]
@@ -79,7 +73,7 @@ def shared_vocab_logits(student, teacher, shared: int, group=None):
     probability 0 in both. Same sizes with no exclusion: returned as they are; at TP=1 both
     are cut to `shared` (a cheaper way to the same values)."""
     local_s = student.shape[-1]
-    if _tp(group)[1] == 1:
+    if tp_rank_size(group)[1] == 1:
         if local_s == teacher.shape[-1] == shared:
             return student, teacher
         return student[..., :shared], teacher[..., :shared]
@@ -97,8 +91,8 @@ class LiveLogits:
         self.logits = logits.detach()
 
     def prepare(self, student: torch.Tensor, shared: int, group):
-        """(student, rows_fn, rows_and_grad) on the shared vocabulary: `rows_fn(piece, s)` is
-        this rank's share of the divergence rows of flattened positions `piece`."""
+        """(student, teacher rows `[n, V/TP]`) aligned on the shared vocabulary
+        (`shared_vocab_logits`), the teacher's positions flattened for `rows`."""
         student, teacher = shared_vocab_logits(student, self.logits, shared, group)
         t2 = teacher.reshape(-1, teacher.shape[-1])
         return student, t2
@@ -137,7 +131,7 @@ class CachedTopK:
             s, log_probs, indices, rest, kind=kd.kind, temperature=kd.temperature, beta=kd.beta,
             group=group,
         )  # fmt: skip
-        return value / _tp(group)[1]
+        return value / tp_rank_size(group)[1]
 
     def rows_and_grad(self, kd: KDConfig, s, cache_rows, group):
         """`rows` `[n]` and, by autograd, the gradient of their sum with respect to `s`
@@ -168,7 +162,7 @@ class KDCriterion:
         `source`: LiveLogits or CachedTopK for the same positions. `kd.chunk_size` positions at
         a time (`losses.chunked_rows`), or all at once when it is None."""
         kd = self.kd
-        group = group if _tp(group)[1] > 1 else None
+        group = group if tp_rank_size(group)[1] > 1 else None
         student, teacher_rows = source.prepare(student, self.shared_vocab, group)
         if kd.chunk_size:
             rows = losses.chunked_rows(
@@ -189,7 +183,7 @@ class KDCriterion:
         through Megatron's copy-to-tensor-parallel region under TP (its backward adds the
         ranks' hidden-state gradients)."""
         kd = self.kd
-        group = group if _tp(group)[1] > 1 else None
+        group = group if tp_rank_size(group)[1] > 1 else None
         local = weight.shape[0]
         excluded = excluded_ids(local, self.shared_vocab, group, weight.device)
         teacher = _exclude(align_teacher(teacher_logits.detach(), local, group), excluded)
@@ -206,7 +200,7 @@ class KDCriterion:
         is 1, added across the tensor-parallel `group` (each rank holds its share). The gather
         keeps each rank's gradient its own (a plain all-reduce would multiply it by TP)."""
         total = masked_sum(per_token, loss_mask)
-        if _tp(group)[1] > 1:
+        if tp_rank_size(group)[1] > 1:
             # megatron-core is heavy to import; only TP runs need its gather
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 

@@ -74,7 +74,7 @@ FIX = "rebuild it with cache_teacher or point teacher_cache at a matching cache"
 _META_KEYS = ("k", "temperature", "vocab_size", "seq_length", "dtype")
 
 
-def _tp(group) -> tuple[int, int]:
+def tp_rank_size(group) -> tuple[int, int]:
     """(rank, size) of this process in the tensor-parallel `group`; (0, 1) without one."""
     if group is None or torch.distributed.get_world_size(group) == 1:
         return 0, 1
@@ -149,7 +149,7 @@ def topk_log_probs(
     """
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    rank, size = _tp(group)
+    rank, size = tp_rank_size(group)
     group = group if size > 1 else None
     v_local = logits.shape[-1]
     _check_vocab(v_local, size, vocab_limit, k)
@@ -213,7 +213,7 @@ def cached_per_position(
             f"indices {tuple(indices.shape)} must be shaped like the log-probs "
             f"{tuple(log_probs.shape)}"
         )
-    rank, size = _tp(group)
+    rank, size = tp_rank_size(group)
     group = group if size > 1 else None
     v_local = student_logits.shape[-1]
     _check_vocab(v_local, size, vocab_limit, indices.shape[-1])
