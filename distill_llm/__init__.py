@@ -22,11 +22,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # import_hf / export_hf load on first use, so `python -m distill_llm.hf` runs cleanly
+    # the converters load on first use, so `python -m distill_llm.hf` / `.nemo` run cleanly
     if name in ("import_hf", "export_hf"):
         from distill_llm.formats.hf import io as hf
 
         return getattr(hf, name)
+    if name == "export_nemo":
+        from distill_llm.formats.nemo.io import export_nemo
+
+        return export_nemo
     raise AttributeError(f"module 'distill_llm' has no attribute {name!r}")
 
 
@@ -43,6 +47,7 @@ __all__ = [
     "distill",
     "evaluate",
     "export_hf",
+    "export_nemo",
     "import_hf",
     "init_model",
     "pretrain",

@@ -24,6 +24,7 @@ from distill_llm.engine.run_dir import write_config
 from distill_llm.engine.training import OptimConfig, TrainConfig, Trainer
 from distill_llm.formats import paths
 from distill_llm.formats.hf.io import export_checkpoint
+from distill_llm.formats.nemo import io as nemo_io
 from distill_llm.kd import offline
 from distill_llm.kd.config import KDConfig
 
@@ -70,16 +71,24 @@ def _fit(model, model_cfg, data, source, train, optim, parallel, run_path, dp_si
     return trainer.fit()
 
 
-def _export(plan: Optional[dict], summary: dict, model_cfg, parallel) -> dict:
-    """Write the final model (reloaded from `final/`, TP shards gathered) as an HF directory."""
-    if plan is None:
-        return summary
-    export_checkpoint(summary["final"], model_cfg, plan["dir"], parallel,
-                             family=plan["family"], dtype=plan["dtype"],
-                             tokenizer=plan["tokenizer"])  # fmt: skip
-    if dist.is_main():
-        print(f"exported the final model to {plan['dir']} (Hugging Face)", flush=True)
-    return {**summary, "export_hf": plan["dir"]}
+def _export(plan: checks.DistillPlan, summary: dict, model_cfg, parallel) -> dict:
+    """Write the final model (reloaded from `final/` on the run's layout) as an HF directory
+    (TP shards gathered) and/or a NeMo checkpoint (each rank its shard), as `plan` says."""
+    hf, nemo = plan.export, plan.export_nemo
+    if hf is not None:
+        export_checkpoint(summary["final"], model_cfg, hf["dir"], parallel,
+                          family=hf["family"], dtype=hf["dtype"],
+                          tokenizer=hf["tokenizer"])  # fmt: skip
+        if dist.is_main():
+            print(f"exported the final model to {hf['dir']} (Hugging Face)", flush=True)
+        summary = {**summary, "export_hf": hf["dir"]}
+    if nemo is not None:
+        nemo_io.export_checkpoint(summary["final"], model_cfg, nemo["path"], parallel,
+                                  fmt=nemo["format"], tokenizer=nemo["tokenizer"])  # fmt: skip
+        if dist.is_main():
+            print(f"exported the final model to {nemo['path']} ({nemo['format']})", flush=True)
+        summary = {**summary, "export_nemo": nemo["path"]}
+    return summary
 
 
 def distill(
@@ -94,6 +103,7 @@ def distill(
     output_dir: str = "runs/distill",
     export_hf: Optional[str] = None,
     teacher_cache: Optional[str] = None,
+    export_nemo: Optional[str] = None,
 ) -> dict:
     """Distil a student from the frozen teacher checkpoint `teacher`; returns a summary.
 
@@ -116,7 +126,7 @@ def distill(
         teacher=teacher, student=student, student_checkpoint=student_checkpoint, kd=kd,
         data=data, train=train, optim=optim, parallel=parallel,
         world_size=dist.world_size_from_env(), teacher_cache=teacher_cache,
-        export_hf=export_hf, output_dir=output_dir,
+        export_hf=export_hf, output_dir=output_dir, export_nemo=export_nemo,
     )  # fmt: skip
     student, teacher_cfg = plan.student, plan.teacher_cfg
     cached = None
@@ -157,7 +167,7 @@ def distill(
         teacher_side = wrapper.OnlineTeacher(model)
     summary = _fit(model, student, data, plan.source, train, optim, parallel, run_path,
                    plan.dp_size, teacher=teacher_side)  # fmt: skip
-    return _export(plan.export, summary, student, parallel)
+    return _export(plan, summary, student, parallel)
 
 
 def _build(cfg: ModelConfig, parallel: ParallelConfig, weights: Optional[str], role: str):
@@ -233,16 +243,18 @@ def pretrain(
     parallel: Optional[ParallelConfig] = None,
     output_dir: str = "runs/pretrain",
     export_hf: Optional[str] = None,
+    export_nemo: Optional[str] = None,
 ) -> dict:
     """Train a GPT on its own language-model loss (teachers, same-budget baselines).
 
-    Same loop, run directory and checkpoints as `distill`, without a teacher.
+    Same loop, run directory, checkpoints and exports as `distill`, without a teacher.
     """
     data, train = data or DataConfig(), train or TrainConfig()
     optim, parallel = optim or OptimConfig(), parallel or ParallelConfig()
     plan = checks.check_pretrain(
         model=model, init_checkpoint=init_checkpoint, data=data, train=train, optim=optim,
         parallel=parallel, world_size=dist.world_size_from_env(), export_hf=export_hf,
+        export_nemo=export_nemo,
     )  # fmt: skip
     model = plan.student
     run_path = Path(output_dir)
@@ -261,7 +273,7 @@ def pretrain(
     )
     gpt = _build(model, parallel, init_checkpoint, "model")
     summary = _fit(gpt, model, data, plan.source, train, optim, parallel, run_path, plan.dp_size)
-    return _export(plan.export, summary, model, parallel)
+    return _export(plan, summary, model, parallel)
 
 
 def init_model(

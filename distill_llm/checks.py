@@ -25,6 +25,9 @@ from distill_llm.errors import ConfigError
 from distill_llm.formats import paths
 from distill_llm.formats.hf import config as hf_config
 from distill_llm.formats.hf.io import export_settings
+from distill_llm.formats.nemo import checkpoint as nemo_checkpoint
+from distill_llm.formats.nemo import config as nemo_config
+from distill_llm.formats.nemo.io import check_output as check_nemo_output
 from distill_llm.kd import offline, teacher_cache
 from distill_llm.kd.config import KDConfig
 
@@ -136,6 +139,31 @@ def check_export(target, model_cfg, sources, data: DataConfig, protected, pp: in
     return {"dir": target, "family": family, "dtype": dtype, "tokenizer": tokenizer}
 
 
+def check_export_nemo(target, model_cfg, sources, data: DataConfig, protected):
+    """Checks for `export_nemo=` made before training; returns {path, format, tokenizer} for
+    the export afterwards, or None without one. The tokenizer written into the NeMo file is
+    data.tokenizer, else the one the first of `sources` (student, teacher) carries."""
+    if not target:
+        return None
+    fmt = check_nemo_output(target, None, [s for s in protected + sources if s])
+    if fmt == "nemo1":
+        nemo_config.check_nemo1(model_cfg)
+    tokenizer = data.tokenizer
+    for src in sources:
+        if tokenizer is None and src:
+            tokenizer = paths.tokenizer_dir_of(src)
+    return {"path": str(target), "format": fmt, "tokenizer": tokenizer}
+
+
+def default_data_tokenizer(data: DataConfig, teacher: Optional[str]) -> DataConfig:
+    """`data` with its tokenizer defaulting to the one a NeMo teacher carries (NeMo users'
+    data is tokenized with the model's own tokenizer and has no .meta.json)."""
+    if data.tokenizer or data.mock or not teacher or not nemo_checkpoint.is_nemo(teacher):
+        return data
+    found = paths.tokenizer_dir_of(teacher)
+    return dataclasses.replace(data, tokenizer=found) if found else data
+
+
 @dataclass
 class DistillPlan:
     """What `check_distill` resolved: the architectures, the checked data blend, the data-
@@ -147,6 +175,7 @@ class DistillPlan:
     source: Optional[DataSource] = None
     caches: Optional[dict] = None
     export: Optional[dict] = None
+    export_nemo: Optional[dict] = None
 
 
 def check_distill(
@@ -164,6 +193,7 @@ def check_distill(
     export_hf: Optional[str] = None,
     output_dir: Optional[str] = None,
     local_files: bool = True,
+    export_nemo: Optional[str] = None,
 ) -> DistillPlan:
     """Every refusal `distill` makes before it starts, in the order a user thinks of them.
     The student architecture defaults as `distill` documents (the student checkpoint's, else
@@ -207,6 +237,12 @@ def check_distill(
     plan.export = check_export(
         export_hf, student, [student_checkpoint, teacher], data, [teacher, teacher_cache], pp
     )
+    if _visible(teacher, local_files):
+        data = default_data_tokenizer(data, teacher)
+    plan.export_nemo = check_export_nemo(
+        export_nemo, student, [student_checkpoint, teacher], data,
+        [teacher, teacher_cache, output_dir],
+    )  # fmt: skip
     check_compatible(student, teacher_cfg, parallel, train.seq_length)
     check_pipeline_pairs(kd, student, teacher_cfg, pp)
     check_same_tokenizer(
@@ -231,6 +267,7 @@ def check_pretrain(
     world_size: int,
     export_hf: Optional[str] = None,
     local_files: bool = True,
+    export_nemo: Optional[str] = None,
 ) -> DistillPlan:
     """Every refusal `pretrain` makes before it starts (the plan's `student` is the model)."""
     dp_size = check_common(train, optim, parallel, world_size)
@@ -245,6 +282,7 @@ def check_pretrain(
     plan.export = check_export(
         export_hf, model, [init_checkpoint], data, [], parallel.pipeline_parallel
     )
+    plan.export_nemo = check_export_nemo(export_nemo, model, [init_checkpoint], data, [])
     check_model(model, parallel, train.seq_length, "model")
     if local_files or all(Path(p).exists() for p in _data_paths(data)):
         plan.source = data.resolve({"model": model.vocab_size}, train.seq_length)

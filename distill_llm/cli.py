@@ -31,6 +31,7 @@ from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
 from distill_llm.executors.safety import check_executor, check_value
 from distill_llm.formats.hf import io as hf
+from distill_llm.formats.nemo import io as nemo_io
 from distill_llm.kd.config import KDConfig
 from distill_llm.recipes import (  # noqa: F401
     RECIPES,
@@ -130,6 +131,7 @@ def preflight(task, executor) -> None:
         "parallel": args.get("parallel") or ParallelConfig(),
         "world_size": _world_size(executor),
         "export_hf": args.get("export_hf"),
+        "export_nemo": args.get("export_nemo"),
         "local_files": False,
     }
     if fn is api.pretrain:
@@ -244,6 +246,9 @@ evaluate = _register(api.evaluate, "Held-out LM loss, perplexity and KL to the t
 preprocess = _register(preprocess_mod.preprocess, "Tokenize text into a .bin/.idx dataset.")
 import_hf = _register(hf.import_hf, "Convert a Hugging Face model directory to a checkpoint.")
 export_hf = _register(hf.export_hf, "Write a checkpoint as a Hugging Face model directory.")
+export_nemo = _register(
+    nemo_io.export_nemo, "Write a checkpoint as a NeMo 1 .nemo file or a NeMo 2 directory."
+)
 cache_teacher = _register(
     api.cache_teacher, "Store a teacher's top-k log-probs over a run's data for distill."
 )

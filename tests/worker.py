@@ -2,12 +2,13 @@
 
     torchrun --nproc_per_node=2 tests/worker.py spec.json
 
-Ops: init_model, distill, pretrain, logits (gathered full-vocab logits of a checkpoint for fixed
-tokens, saved by rank 0). `kill` simulates a crash: {"after_save": N} SIGKILLs the process right
-after the N-th training checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save
-after the shards are written but before the checkpoint is committed. The whole process group
-dies (torchrun, every rank, dist_checkpointing's helper processes), as in a node failure; the
-launcher in conftest.py gives each worker its own group.
+Ops: init_model, distill, pretrain, export_nemo, logits (gathered full-vocab logits of a
+checkpoint for fixed tokens, saved by rank 0), weights (a checkpoint's tensors at TP=1).
+`kill` simulates a crash: {"after_save": N} SIGKILLs the process right after the N-th training
+checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save after the shards are
+written but before the checkpoint is committed. The whole process group dies (torchrun, every
+rank, dist_checkpointing's helper processes), as in a node failure; the launcher in conftest.py
+gives each worker its own group.
 """
 
 import json
@@ -91,6 +92,20 @@ def _logits(op: dict) -> None:
         torch.save(logits[..., : cfg.vocab_size].clone(), op["out"])
 
 
+def _weights(op: dict) -> None:
+    """Every tensor of the model at op["checkpoint"] loaded on one rank (TP=1), saved."""
+    from distill_llm.engine import parallel
+    from distill_llm.engine.model import build_gpt
+    from distill_llm.formats import paths
+
+    cfg = paths.model_config_of(op["checkpoint"])
+    parallel.initialize(parallel.ParallelConfig(), seed=5)
+    model = build_gpt(cfg)
+    paths.load_model(op["checkpoint"], model, cfg, role="model")
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    torch.save(state, op["out"])
+
+
 def _lm_loss(op: dict) -> None:
     """The per-token LM loss [b, s] the engine trains and validates on, for the model at
     op["checkpoint"] on op["tensor_parallel"] ranks: the plain GPT's (`pretrain`, `evaluate`'s
@@ -134,8 +149,8 @@ def main(spec_path: str) -> None:
         _record_teacher(spec["teacher_out"])
     for op in spec["ops"]:
         kind = op.pop("op")
-        if kind in ("logits", "lm_loss"):
-            {"logits": _logits, "lm_loss": _lm_loss}[kind](op)
+        if kind in ("logits", "lm_loss", "weights"):
+            {"logits": _logits, "lm_loss": _lm_loss, "weights": _weights}[kind](op)
             continue
         make = {
             "model": dl.ModelConfig,

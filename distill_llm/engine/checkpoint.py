@@ -142,7 +142,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return target
 
 
-def _results_queue_without_spawn() -> None:
+def results_queue_without_spawn() -> None:
     """Give megatron's torch_dist writer its results queue from a fork-started Manager.
 
     On the first save the writer (`strategies/filesystem_async.py`) starts a multiprocessing
@@ -164,7 +164,7 @@ def _save_dir(sharded_state: dict, final_dir: Path, metadata: dict) -> None:
     """Write `sharded_state` to `final_dir` atomically (through `final_dir.tmp`)."""
     from megatron.core import dist_checkpointing
 
-    _results_queue_without_spawn()
+    results_queue_without_spawn()
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if parallel.is_main():
         if tmp.exists():

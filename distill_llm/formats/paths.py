@@ -1,6 +1,7 @@
 """Any model path -> its architecture and weights. The one place that tells the formats apart:
-a distill_llm checkpoint (a directory with `distill_llm.json`) or a Hugging Face directory
-(`config.json` + safetensors). Every entry point takes teachers, students and init checkpoints
+a distill_llm checkpoint (a directory with `distill_llm.json`), a Hugging Face directory
+(`config.json` + safetensors), or a NeMo checkpoint (a NeMo 1 `.nemo` file or its unpacked
+directory, a NeMo 2 directory). Every entry point takes teachers, students and init checkpoints
 through here, so a new format is added in one place."""
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from distill_llm.engine.model import ModelConfig
 from distill_llm.errors import ConfigError
 from distill_llm.formats.hf.config import HF_META_KEY, find_tokenizer_dir, is_hf_dir
 from distill_llm.formats.hf.weights import checked_config, load_hf_weights
+from distill_llm.formats.nemo import checkpoint as nemo
 
 
 def is_hf(path) -> bool:
@@ -23,6 +25,8 @@ def model_config_of(path) -> ModelConfig:
     Hugging Face directory's config.json (whose weights are then checked against it)."""
     if is_hf(path):
         return checked_config(path)
+    if nemo.is_nemo(path):
+        return nemo.model_config_of(path)
     return checkpoint.model_config_of(path)
 
 
@@ -43,13 +47,18 @@ def load_model(path, module, model_cfg: ModelConfig, role: str) -> None:
         )
     if is_hf(path):
         load_hf_weights(module, model_cfg, path)
+    elif nemo.is_nemo(path):
+        nemo.NemoCheckpoint(path).load_into(module)
     else:
         checkpoint.load_model(path, module, model_cfg)
 
 
 def tokenizer_dir_of(path) -> Optional[str]:
-    """The tokenizer directory belonging to a model path: an HF directory's own tokenizer
-    files, or those of the HF directory a checkpoint was imported from; None if unknown."""
+    """The tokenizer belonging to a model path: an HF directory's own tokenizer files, the
+    tokenizer a NeMo checkpoint carries (a directory or a SentencePiece file), or that of the
+    HF directory a checkpoint was imported from; None if unknown."""
+    if path and nemo.is_nemo(path):
+        return nemo.NemoCheckpoint(path).tokenizer_path()
     if not path or not Path(path).is_dir():
         return None
     if is_hf_dir(path) and find_tokenizer_dir(Path(path)):
