@@ -207,7 +207,9 @@ def test_public_names_import_from_the_package_face():
     assert KDConfig().scale == 1.0 and KDConfig(temperature=2.0).scale == 4.0
 
 
-@pytest.mark.parametrize("module", ["preprocess", "tokenizer", "hf", "quickstart"])
+@pytest.mark.parametrize(
+    "module", ["preprocess", "tokenizer", "hf", "quickstart", "nemo", "megatron_gpt_distillation"]
+)
 def test_python_dash_m_entry_points_still_run(module):
     proc = subprocess.run(
         [sys.executable, "-m", f"distill_llm.{module}", "--help"],

@@ -3,6 +3,7 @@ nemo_toolkit 2.4.1's converters from the tiny HF Llamas beside them; no NeMo imp
 logits equal transformers' at TP=1 and TP=2, exports read back bitwise and have NeMo's layout,
 crafted files stay data, and every bad input is refused in one line with nothing written."""
 
+import gzip
 import io
 import json
 import os
@@ -31,12 +32,10 @@ NEMO1, NEMO1_DIR, NEMO2 = (
     FIX / "nemo1_llama_unpacked",
     FIX / "nemo2_llama",
 )
-HF_SOURCE = {
-    "nemo1": FIX / "hf_llama_sp",
-    "nemo1_dir": FIX / "hf_llama_sp",
-    "nemo2": FIX / "hf_llama_bpe",
-}
-FIXTURES = {"nemo1": NEMO1, "nemo1_dir": NEMO1_DIR, "nemo2": NEMO2}
+SP, BPE = FIX / "hf_llama_sp", FIX / "hf_llama_bpe"
+HF_SOURCE = {"nemo1": SP, "nemo1_gz": SP, "nemo1_dir": SP, "nemo2": BPE}
+# nemo1_gz: the NeMo 1 file gzipped, as NeMo < 1.7 wrote them (made in `work`)
+FIXTURES = {"nemo1": NEMO1, "nemo1_gz": None, "nemo1_dir": NEMO1_DIR, "nemo2": NEMO2}
 OURS = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
             num_query_groups=2, vocab_size=256, max_seq_length=64)  # fmt: skip
 
@@ -55,6 +54,9 @@ def work(tmp_path_factory):
     """One worker run at TP=1 and one at TP=2: fixture logits, our checkpoint exported to NeMo
     1 and NeMo 2 (and the NeMo 1 fixture re-exported), and the tensors of each read back."""
     d = tmp_path_factory.mktemp("nemo")
+    fixtures = {**FIXTURES, "nemo1_gz": d / "old.nemo"}
+    with open(NEMO1, "rb") as src, gzip.open(fixtures["nemo1_gz"], "wb") as dst:
+        shutil.copyfileobj(src, dst)
     ops1 = [dict(op="init_model", model=OURS, output_dir=str(d / "ours"), seed=7)]
     ops1 += [dict(op="export_nemo", checkpoint=str(d / "ours"), output=str(d / "ours.nemo"),
                   tokenizer=str(HF_SOURCE["nemo1"] / "tokenizer.model")),
@@ -64,11 +66,18 @@ def work(tmp_path_factory):
                   output=str(d / "again.nemo"))]  # fmt: skip
     for name in ("ours", "ours.nemo", "ours_nemo2"):
         ops1.append(dict(op="weights", checkpoint=str(d / name), out=str(d / f"{name}.pt")))
-    for key, path in FIXTURES.items():
+    short = dict(steps=1, micro_batch_size=2, global_batch_size=2, seq_length=32, val_batches=1)
+    ops1 += [dict(op="export_hf", checkpoint=str(NEMO1), output_dir=str(d / "hf_from_nemo1")),
+             dict(op="export_hf", checkpoint=str(NEMO2), output_dir=str(d / "hf_from_nemo2")),
+             dict(op="evaluate", teacher=str(NEMO1), model_checkpoint=str(d / "again.nemo"),
+                  train=short, output_file=str(d / "eval.json")),
+             dict(op="cache_teacher", teacher=str(NEMO2), output_dir=str(d / "cache"), k=4,
+                  train=short)]  # fmt: skip
+    for key, path in fixtures.items():
         ops1.append(dict(op="logits", checkpoint=str(path), out=str(d / f"{key}_tp1.pt")))
     run_worker(d, ops1)
     ops2 = [dict(op="logits", checkpoint=str(path), tensor_parallel=2, out=str(d / f"{key}_tp2.pt"))
-            for key, path in FIXTURES.items()]  # fmt: skip
+            for key, path in fixtures.items()]  # fmt: skip
     run_worker(d, ops2, nproc=2)
     return d
 
@@ -82,6 +91,20 @@ def test_nemo_fixture_logits_equal_transformers(work, key, tp):
     expected = _hf_logits(HF_SOURCE[key])
     assert ours.shape == expected.shape
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_nemo_checkpoints_work_in_export_hf_evaluate_and_cache_teacher(work):
+    """NeMo paths as `export_hf`'s, `evaluate`'s and `cache_teacher`'s checkpoints: the HF
+    exports are the NeMo files' HF sources exactly; a model evaluated against itself (the same
+    weights as NeMo 1 and re-exported) has KL 0."""
+    for name, source in (("hf_from_nemo1", SP), ("hf_from_nemo2", BPE)):
+        assert torch.equal(_hf_logits(work / name), _hf_logits(source))
+    assert (work / "hf_from_nemo1" / "tokenizer.model").read_bytes() == (
+        SP / "tokenizer.model"
+    ).read_bytes()
+    result = json.loads((work / "eval.json").read_text())
+    assert abs(result["kl_to_teacher"]) < 1e-6 and result["val_loss"] > 0
+    assert (work / "cache" / "train").is_dir()
 
 
 def test_exports_round_trip_bitwise_and_formats_hold_the_same_tensors(work):
@@ -362,3 +385,94 @@ def test_export_nemo_refuses_an_existing_output(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         export_nemo(str(NEMO1), str(tmp_path / "there.nemo"))
     assert (tmp_path / "there.nemo").read_text() == "keep me"
+
+
+# -- the seed's command, end to end -----------------------------------------------------------
+STUDENT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+               num_query_groups=2, vocab_size=256, max_seq_length=256)  # fmt: skip
+WORDS = "the a river stone light moves over quiet hills and every small bird sings".split()
+
+
+def _nemo_data(tmp_path) -> str:
+    """Text tokenized with the teacher's SentencePiece model, without our .meta.json (as data
+    made by NeMo's own preprocessing script is)."""
+    from distill_llm.preprocess import preprocess
+
+    gen = torch.Generator().manual_seed(1)
+    docs = []
+    for _ in range(300):
+        picks = torch.randint(0, len(WORDS), (int(torch.randint(8, 30, (1,), generator=gen)),),
+                              generator=gen)  # fmt: skip
+        docs.append({"text": " ".join(WORDS[i] for i in picks)})
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps(d) for d in docs))
+    prefix = tmp_path / "data"
+    preprocess(str(src), str(prefix), str(SP / "tokenizer.model"), progress=False)
+    (tmp_path / "data.meta.json").unlink()
+    return str(prefix)
+
+
+def test_seed_command_distils_nemo_files_at_tp2_and_writes_nemo_path(tmp_path):
+    """`torchrun --nproc_per_node=2 -m distill_llm.megatron_gpt_distillation` with the keys of
+    NeMo's docs: teacher and student .nemo files, TP=2; model.nemo_path reads back as the
+    trained student (bitwise) and has NeMo's layout."""
+    data = _nemo_data(tmp_path)
+    run_worker(tmp_path, [
+        dict(op="init_model", model=STUDENT, output_dir=str(tmp_path / "init"), seed=3),
+        dict(op="export_nemo", checkpoint=str(tmp_path / "init"),
+             output=str(tmp_path / "student.nemo"), tokenizer=str(SP / "tokenizer.model")),
+    ])  # fmt: skip
+    out, run_dir = tmp_path / "final_checkpoint.nemo", tmp_path / "exp"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "distill_llm.megatron_gpt_distillation",
+           f"model.restore_from_path={tmp_path / 'student.nemo'}",
+           f"model.kd_teacher_restore_from_path={NEMO1}",
+           "model.tensor_model_parallel_size=2", f"model.tokenizer.model={SP / 'tokenizer.model'}",
+           f"model.data.data_prefix=[1.0,{data}]", f"model.nemo_path={out}",
+           "trainer.precision=32", "trainer.devices=2",
+           "trainer.max_steps=3", "model.micro_batch_size=2", "model.global_batch_size=4",
+           "model.encoder_seq_length=32", "model.data.splits_string=90,5,5",
+           "model.optim.lr=1e-3", "model.optim.sched.min_lr=1e-4",
+           "model.optim.sched.warmup_steps=1", f"exp_manager.exp_dir={run_dir}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          start_new_session=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert out.is_file()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(m.get("step", 0) for m in metrics) == 3
+    run_worker(tmp_path, [
+        dict(op="logits", checkpoint=str(out), out=str(tmp_path / "nemo.pt")),
+        dict(op="logits", checkpoint=str(run_dir / "final"), out=str(tmp_path / "final.pt")),
+        dict(op="logits", checkpoint=str(tmp_path / "student.nemo"), out=str(tmp_path / "init.pt")),
+    ])  # fmt: skip
+    trained = torch.load(tmp_path / "final.pt")
+    assert torch.equal(torch.load(tmp_path / "nemo.pt"), trained)
+    assert not torch.equal(torch.load(tmp_path / "init.pt"), trained)  # it did train
+    ours, theirs = NemoCheckpoint(out), NemoCheckpoint(NEMO1)
+    assert set(ours.yaml) == set(theirs.yaml)
+    assert ours.yaml["tokenizer"]["library"] == "sentencepiece"
+    assert set(_entries(ours)) == set(_entries(theirs))  # same names, stacking and prefix
+    for key, (_, shape) in _entries(ours).items():
+        if ".decoder.layers." in key and shape:
+            assert shape[0] == STUDENT["num_layers"], key
+
+
+def test_nemo_teacher_tokenizer_is_the_default_data_tokenizer(tmp_path):
+    """Data without .meta.json and no data.tokenizer: the NeMo teacher's tokenizer is used
+    (here, its EOD id), where before the run was refused."""
+    from distill_llm import checks
+    from distill_llm.data.datasets import DataConfig
+    from distill_llm.engine.parallel import ParallelConfig
+    from distill_llm.engine.training import OptimConfig, TrainConfig
+    from distill_llm.kd.config import KDConfig
+
+    data = DataConfig(paths=[1.0, _nemo_data(tmp_path)], split="90,5,5")
+    plan = checks.check_distill(
+        teacher=str(NEMO1), student=None, student_checkpoint=None, kd=KDConfig(), data=data,
+        train=TrainConfig(seq_length=32), optim=OptimConfig(), parallel=ParallelConfig(),
+        world_size=1,
+    )  # fmt: skip
+    assert plan.source.eod == 2 and plan.source.vocab_size == 256  # the SentencePiece </s>
+    assert plan.student.num_layers == 1  # the default student: half the teacher's depth

@@ -47,6 +47,7 @@ from distill_llm.formats.hf.weights import (
     gather_hf_state,
     load_hf_weights,
 )
+from distill_llm.formats.nemo.checkpoint import is_nemo
 
 
 def _token_ids(tokenizer_dir: Optional[Path]) -> dict:
@@ -138,6 +139,10 @@ def export_settings(
             hf = read_config(p)
             dtype_name = str(source_dtype(hf, str(p))).split(".")[1]
             info = {"family": family_of(hf, str(p)), "dtype": dtype_name, "source": str(p)}
+        elif is_nemo(p):  # NeMo records no HF family; its tokenizer travels with it
+            found = paths.tokenizer_dir_of(str(p))
+            found = str(Path(found).parent) if found and Path(found).is_file() else found
+            info = {"source": found} if found else {}
         else:
             info = checkpoint.read_metadata(p).get(HF_META_KEY) or {}
         if family is None and info.get("family"):

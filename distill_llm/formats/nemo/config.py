@@ -24,6 +24,7 @@ _POSITIONS = ("rope", "learned_absolute")
 _NEMO2_ACTIVATIONS = {
     ("torch.nn.functional.silu", True): "swiglu",
     ("torch.nn.functional.gelu", False): "gelu",
+    ("torch._C._nn.gelu", False): "gelu",  # how NeMo itself spells F.gelu
     ("megatron.core.activations.squared_relu", False): "squared_relu",
     ("nemo.collections.llm.fn.activation.squared_relu", False): "squared_relu",
 }
