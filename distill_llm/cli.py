@@ -38,6 +38,7 @@ from distill_llm.recipes import (  # noqa: F401
     data,
     llama31_8b_to_llama32_1b,
     models,
+    nemo_to_nemo,
     qwen25_7b_to_qwen25_1p5b,
     tiny,
     tiny_cache,

@@ -5,7 +5,8 @@
 - `training`: the KD loss, optimizer and schedule, training length and batches, parallel layout.
 - `data`: the data module (weighted prefixes or mock data).
 - one module per complete recipe (`run.Partial` of `distill`, `pretrain` or `cache_teacher`):
-  `tiny`, `tiny_teacher`, `tiny_cache`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`.
+  `tiny`, `tiny_teacher`, `tiny_cache`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`,
+  `nemo_to_nemo` (NeMo teacher and student files in, a NeMo file out).
 
 Factories only build configs: no training, no I/O at import.
 """
@@ -16,4 +17,5 @@ RECIPES = (
     "tiny_cache",
     "llama31_8b_to_llama32_1b",
     "qwen25_7b_to_qwen25_1p5b",
+    "nemo_to_nemo",
 )

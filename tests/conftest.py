@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -95,3 +96,27 @@ def train_cfg(**overrides) -> dict:
 
 
 OPTIM = dict(lr=1e-3, min_lr=1e-4, warmup_steps=1)
+
+
+# A SentencePiece tokenizer NeMo itself stored in a .nemo file (tests/fixtures/nemo).
+SP_TOKENIZER = ROOT / "tests" / "fixtures" / "nemo" / "hf_llama_sp" / "tokenizer.model"
+WORDS = "the a river stone light moves over quiet hills and every small bird sings".split()
+
+
+def sp_data(tmp_path) -> str:
+    """Text tokenized with the teacher's SentencePiece model, without our .meta.json (as data
+    made by NeMo's own preprocessing script is)."""
+    from distill_llm.preprocess import preprocess
+
+    gen = torch.Generator().manual_seed(1)
+    docs = []
+    for _ in range(300):
+        picks = torch.randint(0, len(WORDS), (int(torch.randint(8, 30, (1,), generator=gen)),),
+                              generator=gen)  # fmt: skip
+        docs.append({"text": " ".join(WORDS[i] for i in picks)})
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps(d) for d in docs))
+    prefix = tmp_path / "data"
+    preprocess(str(src), str(prefix), str(SP_TOKENIZER), progress=False)
+    (tmp_path / "data.meta.json").unlink()
+    return str(prefix)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import fiddle as fdl
 import pytest
+import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, sp_data
 
 from distill_llm import checks
 from distill_llm.data.datasets import BatchPlan
@@ -53,10 +54,13 @@ def test_every_recipe_builds_a_consistent_config(name):
         return
     par, train = args["parallel"], args["train"]
     tp, pp = par.tensor_parallel, par.pipeline_parallel
-    worlds = [1, 2] if name.startswith("tiny") else [8, 16, 32]  # processes: CPU / 8-GPU nodes
+    worlds = [1, 2] if name.startswith(("tiny", "nemo")) else [8, 16, 32]  # CPU / 8-GPU nodes
     for world in worlds:
         dp = par.validate(world)
         BatchPlan(train.micro_batch_size, train.global_batch_size, dp)
+    if name == "nemo_to_nemo":  # both architectures come from the NeMo files
+        assert args.get("student") is None and args["export_nemo"].endswith(".nemo")
+        return
     student = args.get("student") or args.get("model")
     student.validate(tp, pp)
     checks.check_seq_length(student, train.seq_length, "student")
@@ -102,7 +106,8 @@ def test_dryrun_of_every_recipe(git_repo, tmp_path):
     for name in RECIPES:
         entry = {"tiny_teacher": "pretrain", "tiny_cache": "cache_teacher"}.get(name, "distill")
         # the tiny ones in this process, the 8-GPU ones as a one-node Slurm job
-        where = [] if name.startswith("tiny") else ["run.executor=slurm", "run.executor.account=a"]
+        cpu = name.startswith(("tiny", "nemo"))
+        where = [] if cpu else ["run.executor=slurm", "run.executor.account=a"]
         out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"Dry run for task distill_llm.api:{entry}" in out.stdout
@@ -436,3 +441,37 @@ def test_preprocess_and_a_recipe_script_through_the_cli(tmp_path):
     assert script.returncode == 0, script.stderr[-2000:]
     assert "pretrain: SUCCEEDED" in script.stdout
     assert (tmp_path / "teacher/final/distill_llm.json").is_file()
+
+
+def test_nemo_files_through_the_cli(git_repo, tmp_path):
+    """`--factory nemo_to_nemo` with the NeMo 1 file NeMo wrote as teacher ends with a .nemo
+    student; `export_nemo` turns that into a NeMo 2 directory with the same tensors."""
+    from distill_llm.formats.nemo.dcp import DcpReader
+    from distill_llm.formats.nemo.source import NemoSource
+
+    teacher = ROOT / "tests" / "fixtures" / "nemo" / "nemo1_llama.nemo"
+    data, out = sp_data(tmp_path), tmp_path / "student.nemo"
+    run = _nemo(
+        ["distill", "--factory", "nemo_to_nemo", f"teacher={teacher}",
+         f"data.paths=[1.0,{data}]", "data.split=90,5,5", f"export_nemo={out}",
+         f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.seq_length=32",
+         "train.micro_batch_size=2", "train.global_batch_size=2", "--yes"],
+        git_repo, tmp_path / "home",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert out.is_file()
+    exp = _nemo(["export_nemo", f"checkpoint={out}", f"output={tmp_path / 'nemo2'}", "--yes"],
+                git_repo, tmp_path / "home")  # fmt: skip
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    one = DcpReader(NemoSource(out), "model_weights")
+    two = DcpReader(NemoSource(tmp_path / "nemo2"), "weights")
+    for key, shape in one.tensor_shapes().items():
+        zeros = (0,) * len(shape)
+        other = "module." + key[len("model.") :]
+        assert torch.equal(one.read(key, zeros, shape), two.read(other, zeros, shape)), key
+    # a bad one: refused in one line, nothing written
+    final, target = tmp_path / "run" / "final", tmp_path / "x.nemo"
+    bad = _nemo(["export_nemo", f"checkpoint={final}", f"output={target}", "format=nemo2",
+                 "--yes"], git_repo, tmp_path / "home")  # fmt: skip
+    assert bad.returncode == 2 and "drop the .nemo suffix" in bad.stderr
+    assert not (tmp_path / "x.nemo").exists()

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import ROOT, run_worker
+from conftest import ROOT, run_worker, sp_data
 
 from distill_llm.errors import ConfigError
 from distill_llm.formats import paths
@@ -390,33 +390,13 @@ def test_export_nemo_refuses_an_existing_output(tmp_path):
 # -- the seed's command, end to end -----------------------------------------------------------
 STUDENT = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                num_query_groups=2, vocab_size=256, max_seq_length=256)  # fmt: skip
-WORDS = "the a river stone light moves over quiet hills and every small bird sings".split()
-
-
-def _nemo_data(tmp_path) -> str:
-    """Text tokenized with the teacher's SentencePiece model, without our .meta.json (as data
-    made by NeMo's own preprocessing script is)."""
-    from distill_llm.preprocess import preprocess
-
-    gen = torch.Generator().manual_seed(1)
-    docs = []
-    for _ in range(300):
-        picks = torch.randint(0, len(WORDS), (int(torch.randint(8, 30, (1,), generator=gen)),),
-                              generator=gen)  # fmt: skip
-        docs.append({"text": " ".join(WORDS[i] for i in picks)})
-    src = tmp_path / "docs.jsonl"
-    src.write_text("\n".join(json.dumps(d) for d in docs))
-    prefix = tmp_path / "data"
-    preprocess(str(src), str(prefix), str(SP / "tokenizer.model"), progress=False)
-    (tmp_path / "data.meta.json").unlink()
-    return str(prefix)
 
 
 def test_seed_command_distils_nemo_files_at_tp2_and_writes_nemo_path(tmp_path):
     """`torchrun --nproc_per_node=2 -m distill_llm.megatron_gpt_distillation` with the keys of
     NeMo's docs: teacher and student .nemo files, TP=2; model.nemo_path reads back as the
     trained student (bitwise) and has NeMo's layout."""
-    data = _nemo_data(tmp_path)
+    data = sp_data(tmp_path)
     run_worker(tmp_path, [
         dict(op="init_model", model=STUDENT, output_dir=str(tmp_path / "init"), seed=3),
         dict(op="export_nemo", checkpoint=str(tmp_path / "init"),
@@ -468,7 +448,7 @@ def test_nemo_teacher_tokenizer_is_the_default_data_tokenizer(tmp_path):
     from distill_llm.engine.training import OptimConfig, TrainConfig
     from distill_llm.kd.config import KDConfig
 
-    data = DataConfig(paths=[1.0, _nemo_data(tmp_path)], split="90,5,5")
+    data = DataConfig(paths=[1.0, sp_data(tmp_path)], split="90,5,5")
     plan = checks.check_distill(
         teacher=str(NEMO1), student=None, student_checkpoint=None, kd=KDConfig(), data=data,
         train=TrainConfig(seq_length=32), optim=OptimConfig(), parallel=ParallelConfig(),
