@@ -78,6 +78,8 @@ def work(tmp_path_factory):
     run_worker(d, ops1)
     ops2 = [dict(op="logits", checkpoint=str(path), tensor_parallel=2, out=str(d / f"{key}_tp2.pt"))
             for key, path in fixtures.items()]  # fmt: skip
+    ops2.append(dict(op="init_model", model=OURS, output_dir=str(d / "ours_tp2"), seed=7,
+                     parallel=dict(tensor_parallel=2)))  # fmt: skip
     run_worker(d, ops2, nproc=2)
     return d
 
@@ -105,6 +107,21 @@ def test_nemo_checkpoints_work_in_export_hf_evaluate_and_cache_teacher(work):
     result = json.loads((work / "eval.json").read_text())
     assert abs(result["kl_to_teacher"]) < 1e-6 and result["val_loss"] > 0
     assert (work / "cache" / "train").is_dir()
+
+
+def test_a_tensor_parallel_rank_reads_only_the_chunks_of_its_shard(work, monkeypatch):
+    """A dist-ckpt saved at TP=2 stores each layer's QKV as two chunks; the region one TP=2
+    rank needs (layer 0, its half of the rows) loads one chunk of the four."""
+    reader = DcpReader(NemoSource(work / "ours_tp2"), "")
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    layers, rows, cols = reader.tensor_shapes()[key]
+    assert len(reader.meta.state_dict_metadata[key].chunks) == 4
+    loaded, real = [], reader._chunk
+    monkeypatch.setattr(reader, "_chunk", lambda k, c: loaded.append(c) or real(k, c))
+    half = reader.read(key, (0, 0, 0), (1, rows // 2, cols))
+    assert len(loaded) == 1 and tuple(loaded[0].offsets) == (0, 0, 0)
+    whole = reader.read(key, (0, 0, 0), (layers, rows, cols))
+    assert torch.equal(half, whole[:1, : rows // 2])
 
 
 def test_exports_round_trip_bitwise_and_formats_hold_the_same_tensors(work):

@@ -90,23 +90,17 @@ def check_weights(cfg: ModelConfig, reader: DcpReader, prefix: str, config_name:
 
 def load_weights(module, reader: DcpReader, prefix: str) -> None:
     """Fill this rank's shard of `module` (a GPTModel on the current layout) from `reader`;
-    each parameter reads only its own region of the stored tensor."""
-    from megatron.core.dist_checkpointing.dict_utils import (
-        dict_list_map_inplace,
-        extract_matching_values,
-    )
-    from megatron.core.dist_checkpointing.mapping import (
-        ShardedObject,
-        ShardedTensor,
-        ShardedTensorFactory,
-        apply_factories,
-        apply_factory_merges,
-    )
+    each parameter reads only its own region of the stored tensor, copied straight into the
+    parameter (no second copy of the model is held)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+    # The model's own sharded state dict says, per parameter, which stored tensor and region
+    # it is; its tensors are views of the parameters (fc1's factory splits [gate; up] into
+    # two views), so copying into them fills the model.
     sharded = module.sharded_state_dict(prefix=prefix)
-    factories, _ = extract_matching_values(sharded, lambda x: isinstance(x, ShardedTensorFactory))
     apply_factories(sharded)
-    own = module.state_dict()
+    filled = []
 
     def fill(item):
         if isinstance(item, ShardedTensor):
@@ -114,20 +108,19 @@ def load_weights(module, reader: DcpReader, prefix: str) -> None:
                 raise RuntimeError(f"{item.key}: flattened shards are not model weights")
             sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
             region = reader.read(item.key, tuple(item.global_offset), sizes)
-            return region.reshape(item.local_shape).to(item.data.dtype)
-        if isinstance(item, ShardedObject):
-            return _KEEP
+            item.data.copy_(region.reshape(item.local_shape))
+            filled.append(item.data)
         return item
 
-    dict_list_map_inplace(fill, sharded)
-    merged = apply_factory_merges(sharded, factories)
-    state = {k: (own[k[len(prefix) :]] if v is _KEEP else v) for k, v in merged.items()}
-    state = {k[len(prefix) :]: v for k, v in state.items()}
     with torch.no_grad():
-        module.load_state_dict(state)
+        dict_list_map_inplace(fill, sharded)
+    # a bug guard: a copy (not a view) would leave the parameter unfilled without an error
+    if {t.untyped_storage().data_ptr() for t in filled} - _storages(module):
+        raise RuntimeError("a sharded tensor is not a view of the model's parameters")
 
 
-_KEEP = object()
+def _storages(module) -> set:
+    return {p.untyped_storage().data_ptr() for p in module.parameters()}
 
 
 def save_weights(module, directory: str, prefix: str) -> None:
