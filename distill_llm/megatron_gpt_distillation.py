@@ -254,7 +254,8 @@ SUPPORTED: Dict[str, Key] = {
     ),
     "model.tokenizer.model": Key(
         "data.tokenizer", _optional_path,
-        "the data's tokenizer (.model file or HF dir); default: from the data's .meta.json",
+        "the data's tokenizer (.model file or HF dir); default: the data's .meta.json, "
+        "else the NeMo teacher's own",
     ),
     "model.data.data_prefix": Key(
         "data.paths", _data_prefix,

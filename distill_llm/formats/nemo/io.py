@@ -13,7 +13,6 @@ Every rank writes its own shard; the result appears atomically (written under a 
 name, renamed at the end), so a failed export leaves nothing behind.
 """
 
-
 import os
 import shutil
 import sys
