@@ -57,6 +57,7 @@ def work(tmp_path_factory):
     fixtures = {**FIXTURES, "nemo1_gz": d / "old.nemo"}
     with open(NEMO1, "rb") as src, gzip.open(fixtures["nemo1_gz"], "wb") as dst:
         shutil.copyfileobj(src, dst)
+    short = dict(steps=1, micro_batch_size=2, global_batch_size=2, seq_length=32, val_batches=1)
     ops1 = [dict(op="init_model", model=OURS, output_dir=str(d / "ours"), seed=7)]
     ops1 += [dict(op="export_nemo", checkpoint=str(d / "ours"), output=str(d / "ours.nemo"),
                   tokenizer=str(HF_SOURCE["nemo1"] / "tokenizer.model")),
@@ -64,9 +65,11 @@ def work(tmp_path_factory):
                   tokenizer=str(HF_SOURCE["nemo1"])),
              dict(op="export_nemo", checkpoint=str(NEMO1),
                   output=str(d / "again.nemo"))]  # fmt: skip
-    for name in ("ours", "ours.nemo", "ours_nemo2"):
-        ops1.append(dict(op="weights", checkpoint=str(d / name), out=str(d / f"{name}.pt")))
-    short = dict(steps=1, micro_batch_size=2, global_batch_size=2, seq_length=32, val_batches=1)
+    ops1.append(dict(op="pretrain", model=OURS, train=short, output_dir=str(d / "pre"),
+                     export_nemo=str(d / "pre_nemo2")))  # fmt: skip
+    for name in ("ours", "ours.nemo", "ours_nemo2", "pre/final", "pre_nemo2"):
+        out = str(d / f"{name.replace('/', '_')}.pt")
+        ops1.append(dict(op="weights", checkpoint=str(d / name), out=out))
     ops1 += [dict(op="export_hf", checkpoint=str(NEMO1), output_dir=str(d / "hf_from_nemo1")),
              dict(op="export_hf", checkpoint=str(NEMO2), output_dir=str(d / "hf_from_nemo2")),
              dict(op="evaluate", teacher=str(NEMO1), model_checkpoint=str(d / "again.nemo"),
@@ -122,6 +125,28 @@ def test_a_tensor_parallel_rank_reads_only_the_chunks_of_its_shard(work, monkeyp
     assert len(loaded) == 1 and tuple(loaded[0].offsets) == (0, 0, 0)
     whole = reader.read(key, (0, 0, 0), (layers, rows, cols))
     assert torch.equal(half, whole[:1, : rows // 2])
+
+
+def test_pretrain_ends_with_a_nemo2_export_of_its_final_model(work):
+    final, exported = torch.load(work / "pre_final.pt"), torch.load(work / "pre_nemo2.pt")
+    assert final.keys() == exported.keys()
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+    assert not (work / ".pre_nemo2.tmp").exists()
+
+
+def test_a_nemo_teachers_tokenizer_is_checked_against_the_data(tmp_path):
+    from distill_llm import checks
+    from distill_llm.data.datasets import DataConfig
+    from distill_llm.engine.parallel import ParallelConfig
+    from distill_llm.engine.training import OptimConfig, TrainConfig
+    from distill_llm.kd.config import KDConfig
+
+    with pytest.raises(ConfigError, match="tokenizer .* differ"):
+        checks.check_distill(
+            teacher=str(NEMO1), student=None, student_checkpoint=None, kd=KDConfig(),
+            data=DataConfig(tokenizer=str(BPE)), train=TrainConfig(seq_length=32),
+            optim=OptimConfig(), parallel=ParallelConfig(), world_size=1,
+        )  # fmt: skip
 
 
 def test_exports_round_trip_bitwise_and_formats_hold_the_same_tensors(work):

@@ -23,6 +23,11 @@ def is_hf(path) -> bool:
 def model_config_of(path) -> ModelConfig:
     """The architecture of the model at `path`: stored with a checkpoint, or derived from a
     Hugging Face directory's config.json (whose weights are then checked against it)."""
+    if path and not Path(path).exists():
+        raise ConfigError(
+            f"{str(path)!r} does not exist; give a distill_llm checkpoint, a Hugging Face "
+            "directory, a .nemo file or a NeMo 2 directory"
+        )
     if is_hf(path):
         return checked_config(path)
     if nemo.is_nemo(path):
