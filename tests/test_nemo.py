@@ -498,3 +498,19 @@ def test_nemo_teacher_tokenizer_is_the_default_data_tokenizer(tmp_path):
     )  # fmt: skip
     assert plan.source.eod == 2 and plan.source.vocab_size == 256  # the SentencePiece </s>
     assert plan.student.num_layers == 1  # the default student: half the teacher's depth
+
+
+def test_nemo2_sentencepiece_tokenizer_named_in_model_yaml_is_found(tmp_path):
+    """NeMo's SentencePieceTokenizer may sit at context/<model_path> instead of nemo_tokenizer/."""
+    d = tmp_path / "n2"
+    shutil.copytree(NEMO2, d)
+    shutil.rmtree(d / "context" / "nemo_tokenizer")
+    shutil.copy(SP / "tokenizer.model", d / "context" / "tokenizer.model")
+    model_yaml = yaml.safe_load((d / "context" / "model.yaml").read_text())
+    model_yaml["tokenizer"] = {
+        "_target_": "SentencePieceTokenizer",
+        "model_path": "tokenizer.model",
+    }
+    (d / "context" / "model.yaml").write_text(yaml.safe_dump(model_yaml))
+    found = NemoCheckpoint(d).tokenizer_path()
+    assert Path(found).read_bytes() == (SP / "tokenizer.model").read_bytes()

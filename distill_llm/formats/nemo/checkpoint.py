@@ -138,6 +138,13 @@ class NemoCheckpoint:
     def _nemo2_tokenizer(self) -> Optional[str]:
         if self.source.is_dir(NEMO2_TOKENIZER):
             return self._local_dir(NEMO2_TOKENIZER)
+        # NeMo's SentencePieceTokenizer may instead name its file relative to context/
+        tok = self.yaml.get("tokenizer") or {}
+        model_path = tok.get("model_path") if isinstance(tok, dict) else None
+        if isinstance(model_path, str) and not model_path.startswith(("/", "..")):
+            member = f"{NEMO2_CONTEXT}/{model_path}"
+            if ".." not in member.split("/") and self.source.exists(member):
+                return self._local_file(member)
         return None
 
     # -- shared ----------------------------------------------------------------------------
