@@ -361,6 +361,9 @@ def _bad(tmp_path, name):
         "moe": dict(num_moe_experts=8),
         "shapes": dict(ffn_hidden_size=128),
         "missing_tensor": dict(bias=True),
+        "tokenizer_escape": dict(
+            tokenizer={"library": "sentencepiece", "model": "nemo:../../etc/passwd"}
+        ),  # fmt: skip
     }
     return _edit_yaml(tmp_path, **edits[name])
 
@@ -380,6 +383,7 @@ BAD = {
     "moe": "mixture-of-experts",
     "shapes": "has shape",
     "missing_tensor": "is missing",
+    "tokenizer_escape": "escapes it",
 }
 
 

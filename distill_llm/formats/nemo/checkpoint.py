@@ -35,12 +35,6 @@ from distill_llm.formats.nemo.source import (
 )
 
 NEMO2_TOKENIZER = "context/nemo_tokenizer"
-_LEGACY = (
-    "model_weights.ckpt",
-    "mp_rank_00/model_weights.ckpt",
-    "tp_rank_00_pp_rank_000/model_weights.ckpt",
-    "mp_rank_00_000/model_weights.ckpt",
-)
 
 
 def is_nemo(path) -> bool:
@@ -111,6 +105,8 @@ class NemoCheckpoint:
             return None
         if ref.startswith("nemo:"):
             member = ref[len("nemo:") :]
+            if member.startswith("/") or ".." in member.split("/"):
+                raise ConfigError(f"{self.config_name}: tokenizer artifact {member!r} escapes it")
             if self.source.exists(member):
                 return self._local_file(member)
             if self.source.is_dir(member):
@@ -151,14 +147,12 @@ class NemoCheckpoint:
     def _check_variant(self) -> None:
         where = str(self.path)
         if not self.source.is_dir(self.weights_dir):
-            for legacy in _LEGACY:
-                if self.source.exists(legacy) or any(
-                    n.endswith("/model_weights.ckpt") for n in self.source.names()
-                ):
-                    raise ConfigError(
-                        f"{where}: legacy NeMo weights ({legacy}, a pickled torch state dict) are "
-                        "not supported; re-save it with NeMo >= 1.23 (dist-ckpt torch_dist)"
-                    )
+            legacy = [n for n in self.source.names() if n.endswith("model_weights.ckpt")]
+            if legacy:
+                raise ConfigError(
+                    f"{where}: legacy NeMo weights ({legacy[0]}, a pickled torch state dict) are "
+                    "not supported; re-save it with NeMo >= 1.23 (dist-ckpt torch_dist)"
+                )
             raise ConfigError(f"{where}: no {self.weights_dir}/ directory; not a NeMo checkpoint")
         kind = dcp.backend(self.source, self.weights_dir)
         if kind != "torch_dist":
