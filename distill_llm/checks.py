@@ -54,7 +54,8 @@ def check_seq_length(model: ModelConfig, seq_length: int, role: str) -> None:
 
 def check_model(model: ModelConfig, parallel: ParallelConfig, seq_length: int, role: str) -> None:
     """One model's architecture against the parallel layout and the sequence length."""
-    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel, role=role)
+    model.validate(parallel.tensor_parallel, parallel.pipeline_parallel, role=role,
+                   expert_parallel=parallel.expert_parallel)  # fmt: skip
     check_seq_length(model, seq_length, role)
 
 

@@ -21,6 +21,14 @@ What is patched, and why:
    (`FP32Optimizer`, `MixedPrecisionOptimizer` build tensors with `device='cuda'` and check
    `param.type()`), `optimizer/clip_grads.py` (asserts `'torch.cuda.FloatTensor'`) and
    `optimizer/distrib_optimizer.py` (refuses non-`torch.cuda.*` parameter types).
+
+Without TransformerEngine (CPU or GPU), one more, applied by `apply()` in either case:
+6. `transformer/moe/moe_utils.py` imports `te_general_gemm` only when TE is installed, yet
+   `RouterGatingLinearFunction.forward/backward` test `te_general_gemm is not None`: without
+   TE that is a NameError in every MoE router. Defining it as None selects upstream's own
+   torch matmul path.
+On a CPU the MoE token dispatcher must be `allgather` (engine.model chooses it): `alltoall`
+builds `torch.cuda.Stream()` and CUDA events in `MoEAlltoAllTokenDispatcher`.
 """
 
 from __future__ import annotations
@@ -139,9 +147,19 @@ def _install_rng_tracker() -> None:
     # call that never runs. Harmless, so it is left alone.
 
 
+def _moe_without_te() -> None:
+    """Workaround 6 (see the module docstring)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> None:
-    """Apply every workaround once, and only when CUDA is absent. Safe to call many times."""
+    """Apply every workaround once, and only when CUDA is absent (6: whenever TE is absent).
+    Safe to call many times."""
     global _APPLIED
+    _moe_without_te()
     if _APPLIED or cuda_available():
         return
     torch.cuda.current_device = lambda: _CPU  # workaround 1

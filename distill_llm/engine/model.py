@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from types import MethodType
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from distill_llm.errors import ConfigError
 Normalization = Literal["RMSNorm", "LayerNorm"]
 Activation = Literal["swiglu", "gelu", "squared_relu"]
 PositionEmbedding = Literal["rope", "learned_absolute"]
+ScoreFunction = Literal["softmax", "sigmoid"]
+LoadBalancing = Literal["aux_loss", "seq_aux_loss", "none"]
 
 
 @dataclass
@@ -47,6 +49,35 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128  # Megatron pads the vocab to a multiple of this x TP
+    # Mixture of experts: None = a dense model. Dropless (every token reaches its experts).
+    num_experts: Optional[int] = None  # routed experts per MoE layer
+    moe_topk: int = 2  # experts each token is routed to
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's FFN width; None = ffn_hidden_size
+    moe_shared_expert_size: Optional[int] = None  # a shared expert's FFN width (Qwen2-MoE)
+    moe_shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
+    moe_score_function: ScoreFunction = "softmax"  # router scores
+    moe_renormalize: bool = True  # top-k probabilities rescaled to sum 1 (HF: norm_topk_prob)
+    moe_load_balancing: LoadBalancing = "aux_loss"  # the router's balancing loss
+    moe_aux_loss_coeff: float = 0.0  # its weight in the student's gradient
+    moe_z_loss_coeff: Optional[float] = None  # router z-loss weight; None = off
+    moe_layers: Optional[List[int]] = None  # per layer 1 = MoE, 0 = dense; None = every layer
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer is a mixture of experts."""
+        return self.num_experts is not None and any(self.moe_layer_pattern)
+
+    @property
+    def moe_layer_pattern(self) -> List[int]:
+        """1 for each MoE layer, 0 for each dense one (all 0 for a dense model)."""
+        if self.num_experts is None:
+            return [0] * self.num_layers
+        return list(self.moe_layers) if self.moe_layers is not None else [1] * self.num_layers
+
+    @property
+    def expert_ffn(self) -> int:
+        """Each routed expert's FFN width."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def query_groups(self) -> int:
@@ -63,8 +94,9 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
-    def num_parameters(self) -> int:
-        """Parameter count of the unsharded model at TP=1 (embeddings included)."""
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count of the unsharded model at TP=1 (embeddings included); with `active`,
+        those one token uses (its top-k experts, not every expert)."""
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.padded_vocab_size()
         q = self.num_attention_heads * self.head_dim
         kv = 2 * self.query_groups * self.head_dim
@@ -72,15 +104,33 @@ class ModelConfig:
         attn = h * (q + kv) + q * h + ((q + kv) if (bias or self.add_qkv_bias) else 0)
         attn += h if bias else 0
         gated = 2 if self.activation == "swiglu" else 1
-        mlp = h * f * gated + f * h + ((f * gated + h) if bias else 0)
+
+        def ffn(width: int) -> int:
+            return h * width * gated + width * h + ((width * gated + h) if bias else 0)
+
         norm = h * (2 if self.normalization == "LayerNorm" else 1)
         qk_norm = 2 * self.head_dim if self.qk_layernorm else 0
-        per_layer = attn + mlp + 2 * norm + qk_norm
+        moe = 0
+        if self.num_experts is not None:
+            experts = self.moe_topk if active else self.num_experts
+            moe = self.num_experts * h + experts * ffn(self.expert_ffn)  # router + experts
+            if self.moe_shared_expert_size:
+                moe += ffn(self.moe_shared_expert_size) + (h if self.moe_shared_expert_gate else 0)
+        layers = sum(
+            attn + (moe if is_moe else ffn(f)) + 2 * norm + qk_norm
+            for is_moe in self.moe_layer_pattern
+        )
         embed = v * h + (self.max_seq_length * h if self.position_embedding != "rope" else 0)
         output = 0 if self.tie_embeddings else v * h
-        return self.num_layers * per_layer + embed + output + norm
+        return layers + embed + output + norm
 
-    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, role: str = "model"):
+    def validate(
+        self,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        role: str = "model",
+        expert_parallel: int = 1,
+    ):
         """Raise ConfigError when the architecture cannot be laid out on this parallel grid."""
         if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
             raise ConfigError(
@@ -112,6 +162,42 @@ class ModelConfig:
                 f"{role}: num_layers {self.num_layers} is not divisible by "
                 f"pipeline_parallel {pipeline_parallel}"
             )
+        self.validate_moe(expert_parallel, role)
+
+    def validate_moe(self, expert_parallel: int = 1, role: str = "model") -> None:
+        """Raise ConfigError for MoE settings that cannot work, or that a dense model sets."""
+        if self.num_experts is None:
+            if expert_parallel > 1:
+                raise ConfigError(
+                    f"{role}: expert_parallel {expert_parallel} needs a mixture-of-experts model "
+                    "(num_experts); use data parallel for a dense one"
+                )
+            return
+        if self.num_experts < 2:
+            raise ConfigError(f"{role}: num_experts must be at least 2, got {self.num_experts}")
+        if not 1 <= self.moe_topk <= self.num_experts:
+            raise ConfigError(
+                f"{role}: moe_topk must be between 1 and num_experts {self.num_experts}, "
+                f"got {self.moe_topk}"
+            )
+        if self.num_experts % expert_parallel:
+            raise ConfigError(
+                f"{role}: num_experts {self.num_experts} is not divisible by expert_parallel "
+                f"{expert_parallel}; choose an EP size that divides it"
+            )
+        if self.moe_layers is not None and (
+            len(self.moe_layers) != self.num_layers or set(self.moe_layers) - {0, 1}
+        ):
+            raise ConfigError(
+                f"{role}: moe_layers must list 0 (dense) or 1 (MoE) for each of the "
+                f"{self.num_layers} layers, got {self.moe_layers}"
+            )
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_size:
+            raise ConfigError(f"{role}: moe_shared_expert_gate needs moe_shared_expert_size")
+        if self.moe_score_function == "sigmoid" and not self.moe_renormalize:
+            raise ConfigError(f"{role}: sigmoid router scores are always renormalised here")
+        if self.moe_aux_loss_coeff < 0 or (self.moe_z_loss_coeff or 0) < 0:
+            raise ConfigError(f"{role}: MoE loss coefficients must be >= 0")
 
     def to_dict(self) -> dict:
         """The config as a plain dict of its fields."""
@@ -145,6 +231,7 @@ def transformer_config(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
+    expert_parallel: int = 1,
 ):
     """The megatron-core TransformerConfig for `cfg` on the given parallel grid."""
     from megatron.core.transformer import TransformerConfig
@@ -185,22 +272,61 @@ def transformer_config(
         # Loss is summed per token and divided by the global token count at the end, so
         # micro-batch and DP splits of one global batch give the same gradient.
         calculate_per_token_loss=True,
+        **_moe_settings(cfg, expert_parallel, on_gpu),
     )
 
 
-def layer_spec(cfg: ModelConfig):
-    """TransformerEngine layer spec on a GPU with TE installed, else megatron-core's local spec."""
+def _moe_settings(cfg: ModelConfig, expert_parallel: int, on_gpu: bool) -> dict:
+    """TransformerConfig's MoE fields for `cfg` (none for a dense model)."""
+    if not cfg.is_moe:
+        return {}
+    balancing = cfg.moe_load_balancing if cfg.moe_aux_loss_coeff > 0 else "none"
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.moe_topk,
+        moe_ffn_hidden_size=cfg.expert_ffn,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+        moe_router_score_function=cfg.moe_score_function,
+        # softmax then top-k (not renormalised), or top-k of the logits then softmax over
+        # them (= the top-k probabilities renormalised)
+        moe_router_pre_softmax=not cfg.moe_renormalize,
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=cfg.moe_z_loss_coeff,
+        moe_layer_freq=cfg.moe_layer_pattern,
+        moe_expert_capacity_factor=None,  # dropless
+        moe_router_dtype="fp32",  # routing decisions in fp32 under bf16 too
+        # alltoall builds CUDA streams and events (engine.cpu_compat)
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=1,
+    )
+
+
+def layer_spec(cfg: ModelConfig, config=None):
+    """TransformerEngine layer spec on a GPU with TE installed, else megatron-core's local spec.
+    An MoE model gets a block spec (`config`: its TransformerConfig) mixing dense and MoE
+    layers as `cfg.moe_layer_pattern` says; experts are `SequentialMLP`s."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    use_te = False
     if torch.cuda.is_available():
         try:
             import transformer_engine  # noqa: F401
 
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-                qk_layernorm=cfg.qk_layernorm
-            )
+            use_te = True
         except ImportError:
             pass
+    if cfg.is_moe:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization=cfg.normalization
+        )
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm
+        )
     return gpt_layer_specs.get_gpt_layer_local_spec(
         normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm
     )
@@ -249,20 +375,26 @@ def build_gpt(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
+    expert_parallel: Optional[int] = None,
 ):
-    """Build this rank's GPTModel shard (parallel_state must be initialised)."""
+    """Build this rank's GPTModel shard (parallel_state must be initialised; the expert-parallel
+    size defaults to the one the process groups were built with)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
+
+    if expert_parallel is None:
+        expert_parallel = parallel_state.get_expert_model_parallel_world_size()
 
     config = transformer_config(
         cfg,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
         params_dtype=params_dtype,
+        expert_parallel=expert_parallel,
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, config),
         vocab_size=cfg.padded_vocab_size(tensor_parallel),
         max_sequence_length=cfg.max_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -26,6 +26,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1  # splits the layers into this many stages (1F1B schedule)
     precision: Precision = "fp32"  # parameter and compute dtype; bf16 keeps fp32 master weights
     use_distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    expert_parallel: int = 1  # splits an MoE model's experts across this many processes
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -44,6 +45,16 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by tensor_parallel x "
                 f"pipeline_parallel = {model_parallel}; launch a multiple of {model_parallel} "
                 "processes (torchrun --nproc_per_node)"
+            )
+        # Experts are not tensor-parallel (expert TP 1): their grid is EP x PP x expert-DP.
+        expert_grid = self.expert_parallel * self.pipeline_parallel
+        if self.expert_parallel < 1:
+            raise ConfigError("expert_parallel must be at least 1")
+        if world_size % expert_grid:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by expert_parallel x "
+                f"pipeline_parallel = {expert_grid}; launch a multiple of {expert_grid} processes "
+                "or lower expert_parallel"
             )
         return world_size // model_parallel
 
@@ -81,6 +92,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
             parallel_state.get_tensor_model_parallel_world_size() == parallel.tensor_parallel
             and parallel_state.get_pipeline_model_parallel_world_size()
             == parallel.pipeline_parallel
+            and parallel_state.get_expert_model_parallel_world_size() == parallel.expert_parallel
         )
         if not same:
             parallel_state.destroy_model_parallel()
@@ -88,6 +100,8 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel,
             pipeline_model_parallel_size=parallel.pipeline_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            expert_tensor_parallel_size=1,
         )
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
