@@ -59,6 +59,15 @@ def check_model(model: ModelConfig, parallel: ParallelConfig, seq_length: int, r
     check_seq_length(model, seq_length, role)
 
 
+def check_expert_parallel(models: list, parallel: ParallelConfig) -> None:
+    """Refuse expert_parallel > 1 when no model of the run has experts to split."""
+    if parallel.expert_parallel > 1 and not any(m is not None and m.is_moe for m in models):
+        raise ConfigError(
+            f"expert_parallel {parallel.expert_parallel} needs a mixture-of-experts model "
+            "(num_experts); use data parallel for dense models"
+        )
+
+
 def check_compatible(
     student: ModelConfig, teacher: ModelConfig, parallel: ParallelConfig, seq_length: int
 ) -> None:
@@ -245,6 +254,7 @@ def check_distill(
         [teacher, teacher_cache, output_dir],
     )  # fmt: skip
     check_compatible(student, teacher_cfg, parallel, train.seq_length)
+    check_expert_parallel([student, teacher_cfg], parallel)
     check_pipeline_pairs(kd, student, teacher_cfg, pp)
     check_same_tokenizer(
         {"teacher": teacher, "student": student_checkpoint, "data.tokenizer": data.tokenizer}
@@ -285,6 +295,7 @@ def check_pretrain(
     )
     plan.export_nemo = check_export_nemo(export_nemo, model, [init_checkpoint], data, [])
     check_model(model, parallel, train.seq_length, "model")
+    check_expert_parallel([model], parallel)
     if local_files or all(Path(p).exists() for p in _data_paths(data)):
         plan.source = data.resolve({"model": model.vocab_size}, train.seq_length)
     return plan
@@ -354,8 +365,11 @@ def check_cache_teacher(
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if Path(output_dir).exists() and not overwrite:
         raise ConfigError(f"{output_dir} exists; choose a new directory or pass overwrite=True")
-    check_model(teacher_cfg, ParallelConfig(tensor_parallel=parallel.tensor_parallel),
-                train.seq_length, "teacher")  # fmt: skip
+    cache_layout = ParallelConfig(
+        tensor_parallel=parallel.tensor_parallel, expert_parallel=parallel.expert_parallel
+    )
+    check_model(teacher_cfg, cache_layout, train.seq_length, "teacher")
+    check_expert_parallel([teacher_cfg], parallel)
     source = data.resolve({"teacher": teacher_cfg.vocab_size}, train.seq_length)
     return teacher_cfg, limit, source, dp_size
 

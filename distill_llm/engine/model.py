@@ -165,13 +165,9 @@ class ModelConfig:
         self.validate_moe(expert_parallel, role)
 
     def validate_moe(self, expert_parallel: int = 1, role: str = "model") -> None:
-        """Raise ConfigError for MoE settings that cannot work, or that a dense model sets."""
+        """Raise ConfigError for MoE settings that cannot work on `expert_parallel` ranks (a
+        dense model ignores EP: its partner in a KD run may be the MoE one)."""
         if self.num_experts is None:
-            if expert_parallel > 1:
-                raise ConfigError(
-                    f"{role}: expert_parallel {expert_parallel} needs a mixture-of-experts model "
-                    "(num_experts); use data parallel for a dense one"
-                )
             return
         if self.num_experts < 2:
             raise ConfigError(f"{role}: num_experts must be at least 2, got {self.num_experts}")

@@ -154,6 +154,45 @@ def _forward_step(teacher, data_iterator, model):
     return output, partial(_loss_func, batch, teacher, model.training)
 
 
+# megatron's router-loss tracker names -> the metrics.jsonl key
+_MOE_TRACKED = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
+
+
+def moe_router_losses(cfg: ModelConfig, num_microbatches: int) -> dict[str, float]:
+    """The student's MoE router losses over the step just taken, as megatron's routers
+    recorded them (before their coefficients), then cleared: `moe_aux_loss` (the load-
+    balancing loss) and `moe_z_loss`, each the mean over MoE layers, micro-batches and data-
+    parallel ranks. Empty for a dense student. A collective: every rank calls it."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    if not cfg.is_moe:
+        return {}
+    wanted = {}
+    if cfg.moe_aux_loss_coeff > 0 and cfg.moe_load_balancing in _MOE_TRACKED:
+        wanted["moe_aux_loss"] = _MOE_TRACKED[cfg.moe_load_balancing]
+    if cfg.moe_z_loss_coeff:
+        wanted["moe_z_loss"] = "z_loss"
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {}
+    for key, name in wanted.items():
+        entry = tracker.get(name)
+        # a pipeline stage without MoE layers has no entry, yet joins the reductions
+        values = entry["values"].clone() if entry else torch.zeros(cfg.num_layers)
+        dist = torch.distributed
+        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        for group in (
+            parallel_state.get_tensor_model_parallel_group(),  # the same tokens on each rank
+            parallel_state.get_data_parallel_group(),
+        ):
+            dist.all_reduce(values, group=group)
+            values /= dist.get_world_size(group)
+        out[key] = float(values.sum()) / (sum(cfg.moe_layer_pattern) * num_microbatches)
+        if entry:
+            entry["values"].zero_()
+    return out
+
+
 def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     """Token-weighted means over all micro-batches and data-parallel ranks."""
     from megatron.core import parallel_state
@@ -277,7 +316,8 @@ class Trainer:
 
     def train_step(self, iterator) -> dict[str, float]:
         """One optimizer step over a global batch from `iterator`: the token-weighted mean
-        "lm", "kd" and "intermediate" losses, plus "grad_norm"."""
+        "lm", "kd" and "intermediate" losses, plus "grad_norm" (and an MoE student's
+        "moe_aux_loss" / "moe_z_loss")."""
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -290,6 +330,7 @@ class Trainer:
         self.consumed_samples += self.data.plan.global_batch_size
         losses = _reduce_reports(reports)
         losses["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        losses.update(moe_router_losses(self.student_cfg, self.data.plan.num_microbatches))
         return losses
 
     @torch.no_grad()
@@ -343,6 +384,7 @@ class Trainer:
                             else None,
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "grad_norm": losses["grad_norm"],
+                            **{k: losses[k] for k in ("moe_aux_loss", "moe_z_loss") if k in losses},
                             "tokens_per_s": tokens_per_step / dt,
                             "step_time_s": dt,
                             "eta_s": mean_dt * (cfg.steps - self.step),
