@@ -14,9 +14,13 @@ from distill_llm.engine.run_dir import read_metrics
 MOE_TEACHER = dict(TEACHER, num_experts=4, moe_topk=2, moe_ffn_hidden_size=64, init_method_std=0.5)
 MOE_STUDENT = dict(STUDENT, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32,
                    moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)  # fmt: skip
+# as wide as the teacher, so hidden states pair up without a projection
+MOE_STUDENT_WIDE = dict(MOE_STUDENT, hidden_size=64)
+PAIRS = [["decoder.layers.1", "decoder.layers.1", "cosine"], ["decoder.final_layernorm"] * 2]
 TRAIN = train_cfg(steps=4, val_every=2, save_every=2)
 OPTIM_FAST = dict(OPTIM, lr=3e-3)
 KD = dict(temperature=2.0, skip_lm_loss=False)  # LM + KD through ModelOpt's balancer, T^2
+KD_ONLY = dict(temperature=2.0, kind="reverse_kl")  # the KD loss alone (what fusing needs)
 TRAIN_KEYS = ["step", "lm_loss", "kd_loss", "grad_norm"]
 VALID_KEYS = ["step", "val_lm_loss", "val_kd_loss"]
 
@@ -29,8 +33,12 @@ def runs(tmp_path_factory):
     def distill(name, student, **extra):
         # an MoE student starts from a checkpoint: megatron draws each EP rank's experts from
         # its own RNG stream, so a fresh one would differ between EP=1 and EP=2
-        start = dict(student_checkpoint=str(tmp / "moe_student")) if student is MOE_STUDENT else {}
-        return dict(op="distill", student=None if start else student, kd=KD, train=TRAIN,
+        checkpoints = {id(MOE_STUDENT): "moe_student", id(MOE_STUDENT_WIDE): "moe_student_wide"}
+        start = {}
+        if id(student) in checkpoints:
+            start = dict(student_checkpoint=str(tmp / checkpoints[id(student)]))
+        extra = {"kd": KD, **extra}
+        return dict(op="distill", student=None if start else student, train=TRAIN,
                     optim=OPTIM_FAST, output_dir=str(tmp / name), **start, **extra)  # fmt: skip
 
     run_worker(
@@ -38,6 +46,12 @@ def runs(tmp_path_factory):
         [
             dict(op="init_model", model=MOE_TEACHER, output_dir=teacher, seed=21),
             dict(op="init_model", model=MOE_STUDENT, output_dir=str(tmp / "moe_student"), seed=22),
+            dict(
+                op="init_model",
+                model=MOE_STUDENT_WIDE,
+                output_dir=str(tmp / "moe_student_wide"),
+                seed=23,
+            ),  # fmt: skip
             dict(
                 op="cache_teacher",
                 teacher=teacher,
@@ -50,6 +64,19 @@ def runs(tmp_path_factory):
             distill("dense", STUDENT, teacher=teacher),
             distill("moe", MOE_STUDENT, teacher=teacher),
             distill("moe_cached", MOE_STUDENT, teacher_cache=str(tmp / "cache")),
+            distill("moe_kd_only", MOE_STUDENT, teacher=teacher, kd=KD_ONLY),
+            distill(
+                "moe_fused",
+                MOE_STUDENT,
+                teacher=teacher,
+                kd=dict(KD_ONLY, fused_output_layer=True, chunk_size=7),
+            ),  # fmt: skip
+            distill(
+                "moe_pairs",
+                MOE_STUDENT_WIDE,
+                teacher=teacher,
+                kd=dict(KD, intermediate_pairs=PAIRS),
+            ),  # fmt: skip
         ],
     )
     ep2 = dict(expert_parallel=2)
@@ -59,6 +86,13 @@ def runs(tmp_path_factory):
             distill("dense_ep2", STUDENT, teacher=teacher, parallel=ep2),
             distill("moe_ep2", MOE_STUDENT, teacher=teacher, parallel=ep2),
             distill("moe_dp2", MOE_STUDENT, teacher=teacher),
+            distill(
+                "moe_pairs_ep2",
+                MOE_STUDENT_WIDE,
+                teacher=teacher,
+                parallel=ep2,
+                kd=dict(KD, intermediate_pairs=PAIRS),
+            ),  # fmt: skip
         ],
         nproc=2,
     )
@@ -94,6 +128,18 @@ def test_moe_kd_is_the_same_at_ep2_and_dp2(runs, ref, got):
     _assert_same_run(runs / ref, runs / got, keys)
     kd = [e["val_kd_loss"] for e in read_metrics(runs / ref, "valid")]
     assert kd[-1] < kd[0] - 1e-3  # it learned (>> the 1e-5 tolerance): not a frozen run
+
+
+def test_fused_kd_and_intermediate_pairs_work_with_moe(runs):
+    """KD fused with the output layer equals the plain chunked KD for an MoE student and
+    teacher; a layer's output and the final layernorm as intermediate pairs train, the same
+    at EP=2 as in one process."""
+    keys = TRAIN_KEYS + ["moe_aux_loss", "moe_z_loss"]
+    _assert_same_run(runs / "moe_kd_only", runs / "moe_fused", keys)
+    keys = TRAIN_KEYS + ["intermediate_loss", "moe_aux_loss", "moe_z_loss"]
+    _assert_same_run(runs / "moe_pairs", runs / "moe_pairs_ep2", keys)
+    inter = [e["intermediate_loss"] for e in read_metrics(runs / "moe_pairs", "train")]
+    assert all(x > 0 for x in inter) and inter[-1] < inter[0]
 
 
 def test_an_moe_students_router_losses_are_logged_and_in_its_gradient(runs):
