@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/worker.py spec.json
 
 Ops: init_model, distill, pretrain, export_nemo, logits (gathered full-vocab logits of a
-checkpoint for fixed tokens, saved by rank 0), weights (a checkpoint's tensors at TP=1).
+checkpoint for fixed tokens at op's tensor_parallel / expert_parallel, saved by rank 0),
+weights (a checkpoint's tensors at TP=1).
 `kill` simulates a crash: {"after_save": N} SIGKILLs the process right after the N-th training
 checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save after the shards are
 written but before the checkpoint is committed. The whole process group dies (torchrun, every
@@ -76,8 +77,9 @@ def _logits(op: dict) -> None:
     from distill_llm.formats import paths
 
     cfg = paths.model_config_of(op["checkpoint"])
-    tp = op.get("tensor_parallel", 1)
-    parallel.initialize(parallel.ParallelConfig(tensor_parallel=tp), seed=op.get("seed", 99))
+    tp, ep = op.get("tensor_parallel", 1), op.get("expert_parallel", 1)
+    layout = parallel.ParallelConfig(tensor_parallel=tp, expert_parallel=ep)
+    parallel.initialize(layout, seed=op.get("seed", 99))
     model = build_gpt(cfg, tensor_parallel=tp)
     paths.load_model(op["checkpoint"], model, cfg, role="model")
     model.eval()

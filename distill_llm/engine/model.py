@@ -162,6 +162,11 @@ class ModelConfig:
                 f"{role}: num_layers {self.num_layers} is not divisible by "
                 f"pipeline_parallel {pipeline_parallel}"
             )
+        if self.moe_shared_expert_size and self.moe_shared_expert_size % tensor_parallel:
+            raise ConfigError(
+                f"{role}: moe_shared_expert_size {self.moe_shared_expert_size} is not divisible "
+                f"by tensor_parallel {tensor_parallel}"
+            )
         self.validate_moe(expert_parallel, role)
 
     def validate_moe(self, expert_parallel: int = 1, role: str = "model") -> None:

@@ -4,9 +4,10 @@
     export_hf("runs/kd/final", "hf/student", tokenizer="/tok/llama3")   # engine -> HF dir
     python -m distill_llm.hf import /models/Qwen2.5-0.5B ckpt/qwen    # the same from a shell
 
-Import runs inside a process group at the requested TP (each rank fills its own shard and
-writes it); export gathers the TP shards and writes safetensors on rank 0. Both write to a
-temporary directory and rename it at the end: a failed run leaves no partial output.
+Import runs inside a process group at the requested TP (and EP for a mixture of experts; each
+rank fills its own shard and writes it); export gathers the TP shards (and every expert-parallel
+rank's experts) and writes safetensors on rank 0. Both write to a temporary directory and rename
+it at the end: a failed run leaves no partial output.
 (config.json mapping: `formats.hf.config`; tensor layout: `formats.hf.weights`.)
 """
 
@@ -163,11 +164,14 @@ def fingerprint(hf_path) -> str:
     return h.hexdigest()[:16]
 
 
-def import_hf(hf_path: str, output_dir: str, tensor_parallel: int = 1) -> str:
+def import_hf(
+    hf_path: str, output_dir: str, tensor_parallel: int = 1, expert_parallel: int = 1
+) -> str:
     """Convert a local HF causal-LM directory into an engine checkpoint at `output_dir`.
 
     Run as one process (TP=1) or under torchrun with `tensor_parallel` processes per model
-    replica; each rank converts and writes its own shard. The checkpoint loads at any TP."""
+    replica (and, for a mixture of experts, `expert_parallel` ranks sharing out the experts);
+    each rank converts and writes its own shard. The checkpoint loads at any TP and EP."""
 
     src = Path(hf_path)
     hf = read_config(src)
@@ -177,8 +181,8 @@ def import_hf(hf_path: str, output_dir: str, tensor_parallel: int = 1) -> str:
     out = Path(output_dir)
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or choose another output_dir")
-    cfg.validate(tensor_parallel=tensor_parallel)
-    pcfg = parallel.ParallelConfig(tensor_parallel=tensor_parallel)
+    cfg.validate(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
+    pcfg = parallel.ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel)
     parallel.initialize(pcfg, seed=0)
     model = build_gpt(cfg, tensor_parallel=tensor_parallel)
     try:
@@ -202,7 +206,7 @@ def export_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: Optional[str] = None,
 ) -> Optional[Path]:
-    """Write an in-memory (possibly TP-sharded) GPTModel as an HF directory from rank 0."""
+    """Write an in-memory (possibly TP- or EP-sharded) GPTModel as an HF directory from rank 0."""
 
     family = family_for(cfg, family)
     check_exportable(cfg, family)
@@ -241,7 +245,8 @@ def export_hf(
 ) -> str:
     """Write the engine checkpoint at `checkpoint` as an HF directory loadable by
     `transformers.AutoModelForCausalLM`. The family and dtype default to those the checkpoint
-    was imported from (else llama / qwen2 / qwen3 as the architecture implies, float32);
+    was imported from (else llama / qwen2 / qwen3, or for a mixture of experts mixtral /
+    qwen2_moe / qwen3_moe, as the architecture implies; float32);
     the tokenizer files come from `tokenizer` or, for an imported checkpoint, its source."""
 
     cfg = paths.model_config_of(checkpoint)
@@ -275,6 +280,7 @@ def main(argv=None) -> int:
     imp.add_argument("hf_path")
     imp.add_argument("output_dir")
     imp.add_argument("--tensor-parallel", type=int, default=1)
+    imp.add_argument("--expert-parallel", type=int, default=1)
     exp = sub.add_parser("export", help="engine checkpoint -> HF directory")
     exp.add_argument("checkpoint")
     exp.add_argument("output_dir")
@@ -283,7 +289,11 @@ def main(argv=None) -> int:
     exp.add_argument("--family", choices=sorted(CLASS_OF))
     args = ap.parse_args(argv)
     if args.cmd == "import":
-        return cli_status(lambda: import_hf(args.hf_path, args.output_dir, args.tensor_parallel))
+        return cli_status(
+            lambda: import_hf(
+                args.hf_path, args.output_dir, args.tensor_parallel, args.expert_parallel
+            )
+        )
     return cli_status(
         lambda: export_hf(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.family)
     )
