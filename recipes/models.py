@@ -1,4 +1,5 @@
-"""Model architectures as `run.Config[ModelConfig]` factories, with their published shapes.
+"""Model architectures as `run.Config[ModelConfig]` factories, with their published shapes
+(dense, and mixtures of experts: Qwen3-30B-A3B, Mixtral 8x7B, a tiny CPU one).
 
 On the command line any of them can stand in for a model argument, e.g.
 `nemo distill_llm distill --factory tiny student=tiny_student student.num_layers=1`.
@@ -18,6 +19,41 @@ def _llama3(**shape) -> run.Config[ModelConfig]:
         max_seq_length=8192,  # training length; the checkpoints support up to 131072
         rotary_base=500000,
         rope_scaling=True,
+        normalization="RMSNorm",
+        activation="swiglu",
+        norm_epsilon=1e-5,
+    )
+    return run.Config(ModelConfig, **{**base, **shape})
+
+
+def _qwen3(**shape) -> run.Config[ModelConfig]:
+    """Qwen3 (dense and MoE): RMSNorm, SwiGLU, no biases, RMSNorm of each query / key head
+    (QK norm), 128-wide heads whatever the hidden size, RoPE base 1M, eps 1e-6, 151,936-row
+    embedding."""
+    base = dict(
+        kv_channels=128,
+        vocab_size=151936,
+        max_seq_length=4096,  # training length; the checkpoints support 32768 (131072 with YaRN)
+        rotary_base=1000000,
+        normalization="RMSNorm",
+        activation="swiglu",
+        qk_layernorm=True,
+        norm_epsilon=1e-6,
+    )
+    return run.Config(ModelConfig, **{**base, **shape})
+
+
+def _mistral(**shape) -> run.Config[ModelConfig]:
+    """Mistral 7B v0.2+ and Mixtral 8x7B: 32 layers, hidden 4096, SwiGLU width 14336, 32 heads
+    / 8 KV heads, RMSNorm eps 1e-5, RoPE base 1M, no sliding window, untied."""
+    base = dict(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        max_seq_length=8192,  # training length; the checkpoints support up to 32768
+        rotary_base=1000000,
         normalization="RMSNorm",
         activation="swiglu",
         norm_epsilon=1e-5,
@@ -120,22 +156,55 @@ def qwen25_7b() -> run.Config[ModelConfig]:
 
 
 @run.cli.factory
-def mistral_7b() -> run.Config[ModelConfig]:
-    """Mistral 7B v0.3: 32 layers, hidden 4096, FFN 14336, 32 heads / 8 KV heads, 32,768-token
-    vocabulary, RoPE base 1M, untied."""
-    return run.Config(
-        ModelConfig,
-        num_layers=32,
-        hidden_size=4096,
-        ffn_hidden_size=14336,
+def qwen3_4b() -> run.Config[ModelConfig]:
+    """Qwen3 4B: 36 layers, hidden 2560, FFN 9728, 32 heads / 8 KV heads of width 128, tied."""
+    return _qwen3(
+        num_layers=36,
+        hidden_size=2560,
+        ffn_hidden_size=9728,
         num_attention_heads=32,
         num_query_groups=8,
-        vocab_size=32768,
-        max_seq_length=8192,
-        rotary_base=1000000,
-        normalization="RMSNorm",
-        activation="swiglu",
-        norm_epsilon=1e-5,
+        tie_embeddings=True,
+    )
+
+
+@run.cli.factory
+def qwen3_30b_a3b() -> run.Config[ModelConfig]:
+    """Qwen3-30B-A3B: 48 MoE layers, hidden 2048, 32 heads / 4 KV heads of width 128; 128
+    experts of width 768, 8 per token (renormalised), no shared expert, untied."""
+    return _qwen3(
+        num_layers=48,
+        hidden_size=2048,
+        ffn_hidden_size=6144,  # config.json's intermediate_size; unused: every layer is MoE
+        num_attention_heads=32,
+        num_query_groups=4,
+        num_experts=128,
+        moe_topk=8,
+        moe_ffn_hidden_size=768,
+        moe_renormalize=True,  # norm_topk_prob: true
+        moe_aux_loss_coeff=0.001,  # router_aux_loss_coef (only a training MoE model uses it)
+    )
+
+
+@run.cli.factory
+def mistral_7b() -> run.Config[ModelConfig]:
+    """Mistral 7B v0.3: 32 layers, hidden 4096, FFN 14336, 32 heads / 8 KV heads, 32,768-token
+    vocabulary, RoPE base 1M, untied. (v0.1 and v0.2 have the v0.1 32,000-token vocabulary;
+    v0.1 also has a 4096-token sliding window and RoPE base 10k.)"""
+    return _mistral(vocab_size=32768)
+
+
+@run.cli.factory
+def mixtral_8x7b() -> run.Config[ModelConfig]:
+    """Mixtral 8x7B v0.1: Mistral 7B's attention with, in each of the 32 layers, 8 SwiGLU experts
+    of width 14336, 2 per token (renormalised); Mistral 7B v0.1's 32,000-token vocabulary."""
+    return _mistral(
+        vocab_size=32000,
+        num_experts=8,
+        moe_topk=2,
+        moe_ffn_hidden_size=14336,
+        moe_renormalize=True,  # HF Mixtral always renormalises its top-2 weights
+        moe_aux_loss_coeff=0.02,  # router_aux_loss_coef (only a training MoE model uses it)
     )
 
 
@@ -166,4 +235,25 @@ def tiny_student() -> run.Config[ModelConfig]:
         num_query_groups=2,
         vocab_size=1024,
         max_seq_length=256,
+    )
+
+
+@run.cli.factory
+def tiny_moe_teacher() -> run.Config[ModelConfig]:
+    """A Mixtral-shaped teacher that trains on a laptop CPU: 4 layers, hidden 128, 8 experts of
+    width 128 with 2 per token; ~2.0M parameters, ~0.8M of them used per token. Its vocabulary is
+    `tiny_student`'s."""
+    return run.Config(
+        ModelConfig,
+        num_layers=4,
+        hidden_size=128,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=1024,
+        max_seq_length=256,
+        num_experts=8,
+        moe_topk=2,
+        moe_ffn_hidden_size=128,
+        moe_aux_loss_coeff=0.01,  # keeps all 8 experts in use while it pretrains from scratch
     )

@@ -22,7 +22,8 @@ from distill_llm.recipes import RECIPES, models
 VENV_BIN = Path(sys.executable).parent
 NEMO = str(VENV_BIN / "nemo")
 
-# Published parameter counts (embeddings included), billions.
+# Published parameter counts (embeddings included), billions: the total, or for a mixture of
+# experts (total, active per token: its top-k experts, not every expert).
 PUBLISHED = {
     "llama31_8b": 8.03,
     "llama32_1b": 1.24,
@@ -30,7 +31,17 @@ PUBLISHED = {
     "qwen25_0p5b": 0.494,
     "qwen25_1p5b": 1.54,
     "qwen25_7b": 7.62,
+    "qwen3_4b": 4.0,  # Qwen3-4B model card: 4.0B (3.6B non-embedding)
     "mistral_7b": 7.25,
+    # Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated (29.9B non-embedding). Its "3.3B"
+    # is 3,353,032,704 cut to two figures, not rounded: transformers' Qwen3MoeForCausalLM built
+    # from the card's config.json has 30,532,122,624 parameters, less 48 layers x 120 unrouted
+    # experts x 3 x 2048 x 768 per token. Leaving out the embeddings, router or norms comes no
+    # closer than 1.2% to 3.30B.
+    "qwen3_30b_a3b": (30.5, 3.353),
+    # Mistral AI, "Mixtral of experts" (mistral.ai/news/mixtral-of-experts, Dec 2023): 46.7B
+    # total, 12.9B per token (the paper, arXiv:2401.04088, rounds them to 47B and 13B).
+    "mixtral_8x7b": (46.7, 12.9),
 }
 
 
@@ -38,7 +49,10 @@ PUBLISHED = {
 def test_architectures_have_their_published_sizes(name):
     cfg = fdl.build(getattr(models, name)())
     cfg.validate(1, 1)
-    assert cfg.num_parameters() / 1e9 == pytest.approx(PUBLISHED[name], rel=0.01)
+    published = PUBLISHED[name]
+    total, active = published if isinstance(published, tuple) else (published, published)
+    assert cfg.num_parameters() / 1e9 == pytest.approx(total, rel=0.01)
+    assert cfg.num_parameters(active=True) / 1e9 == pytest.approx(active, rel=0.01)
 
 
 @pytest.mark.parametrize("name", RECIPES)
