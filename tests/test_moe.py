@@ -45,6 +45,7 @@ def runs(tmp_path_factory):
         tmp,
         [
             dict(op="init_model", model=MOE_TEACHER, output_dir=teacher, seed=21),
+            dict(op="init_model", model=TEACHER, output_dir=str(tmp / "dense_teacher"), seed=24),
             dict(op="init_model", model=MOE_STUDENT, output_dir=str(tmp / "moe_student"), seed=22),
             dict(
                 op="init_model",
@@ -65,6 +66,7 @@ def runs(tmp_path_factory):
             distill("moe", MOE_STUDENT, teacher=teacher),
             distill("moe_cached", MOE_STUDENT, teacher_cache=str(tmp / "cache")),
             distill("moe_kd_only", MOE_STUDENT, teacher=teacher, kd=KD_ONLY),
+            distill("dense_to_moe", MOE_STUDENT, teacher=str(tmp / "dense_teacher")),
             distill(
                 "moe_fused",
                 MOE_STUDENT,
@@ -140,6 +142,13 @@ def test_fused_kd_and_intermediate_pairs_work_with_moe(runs):
     _assert_same_run(runs / "moe_pairs", runs / "moe_pairs_ep2", keys)
     inter = [e["intermediate_loss"] for e in read_metrics(runs / "moe_pairs", "train")]
     assert all(x > 0 for x in inter) and inter[-1] < inter[0]
+
+
+def test_a_dense_teacher_distils_into_an_moe_student(runs):
+    train = read_metrics(runs / "dense_to_moe", "train")
+    assert all(e["moe_aux_loss"] > 0 for e in train)
+    kd = [e["val_kd_loss"] for e in read_metrics(runs / "dense_to_moe", "valid")]
+    assert kd[-1] < kd[0]
 
 
 def test_an_moe_students_router_losses_are_logged_and_in_its_gradient(runs):
