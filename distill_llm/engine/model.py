@@ -300,6 +300,8 @@ def _moe_settings(cfg: ModelConfig, expert_parallel: int, on_gpu: bool) -> dict:
         moe_router_dtype="fp32",  # routing decisions in fp32 under bf16 too
         # alltoall builds CUDA streams and events (engine.cpu_compat)
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        # experts stay SequentialMLPs, also under the TE spec: their parameter names are the
+        # ones the HF mapping uses (TEGroupedMLP's grouped GEMM would rename them; not wired)
         moe_grouped_gemm=False,
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=1,
