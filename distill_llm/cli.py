@@ -4,7 +4,7 @@ outcome.
     nemo distill_llm distill    --factory tiny [key=value ...] [--dryrun] [--to-yaml F] [--yes]
     nemo distill_llm pretrain   --factory tiny_teacher --yes
     nemo distill_llm preprocess input=corpus.jsonl output_prefix=data/c tokenizer=tok --yes
-    ... run.executor=local run.executor.devices=2      (torchrun on this machine)
+    ... run.executor=local run.executor.ntasks_per_node=2      (torchrun on this machine)
     ... run.executor=slurm run.executor.nodes=2 ...    (sbatch; see distill_llm.executors)
 
 Without `run.executor` the task runs in this process. NeMo-Run's own `run.run` returns None

@@ -1,6 +1,6 @@
 """NeMo-Run executor factories for distill_llm (installed as `distill_llm.executors`).
 
-    run.executor=local  run.executor.devices=2
+    run.executor=local  run.executor.ntasks_per_node=2
     run.executor=slurm  run.executor.account=ACC run.executor.partition=batch run.executor.nodes=2
     run.executor=docker run.executor.gpus=8
 

@@ -17,12 +17,13 @@ CLI:
         run.executor.nodes=2 --yes
     ... --dryrun   (prints the sbatch script and the resolved config, submits nothing)
 Python:
+    import fiddle as fdl
     import nemo_run as run
     from distill_llm.executors import slurm
     from distill_llm.recipes import mixtral_8x7b_to_mistral_7b as r
     recipe = r.recipe(teacher="/ckpt/mixtral_8x7b", student_checkpoint="/ckpt/mistral_7b_v02")
     recipe.data.paths = [1.0, "/data/web_text_document"]
-    run.run(recipe, executor=slurm(account="ACC", partition="batch", nodes=2))
+    run.run(recipe, executor=fdl.build(slurm(account="ACC", partition="batch", nodes=2)))
 """
 
 from typing import Optional

@@ -12,12 +12,13 @@ CLI:
         run.executor=local run.executor.ntasks_per_node=2 --yes
     ... run.executor=slurm run.executor.account=ACC run.executor.partition=batch --yes
 Python:
+    import fiddle as fdl
     import nemo_run as run
     from distill_llm.executors import local
     from distill_llm.recipes import nemo_to_nemo
     recipe = nemo_to_nemo.recipe(teacher="/ckpt/teacher.nemo", export_nemo="/ckpt/out.nemo")
     recipe.data.paths = [1.0, "/data/text_document"]
-    run.run(recipe, executor=local(devices=2))
+    run.run(recipe, executor=fdl.build(local(devices=2)))
 The same run from NeMo 1's own command line: `torchrun --nproc_per_node=2 -m
 distill_llm.megatron_gpt_distillation model.restore_from_path=... ...`.
 """

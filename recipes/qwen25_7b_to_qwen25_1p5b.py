@@ -8,10 +8,12 @@ CLI:
         teacher=/ckpt/qwen25_7b data.paths='[1.0,/data/web_text_document]' \\
         run.executor=slurm run.executor.account=ACC run.executor.partition=batch --yes
 Python:
+    import fiddle as fdl
     import nemo_run as run
     from distill_llm.executors import slurm
     from distill_llm.recipes import qwen25_7b_to_qwen25_1p5b as r
-    run.run(r.recipe(teacher="/ckpt/qwen25_7b"), executor=slurm(account="ACC", partition="batch"))
+    executor = fdl.build(slurm(account="ACC", partition="batch"))
+    run.run(r.recipe(teacher="/ckpt/qwen25_7b"), executor=executor)
 """
 
 from typing import Optional

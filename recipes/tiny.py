@@ -4,14 +4,15 @@ Make the teacher first (`tiny_teacher` recipe), then:
 CLI:
     nemo distill_llm distill --factory tiny --yes
     nemo distill_llm distill --factory tiny train.steps=50 kd.temperature=2.0 --yes
-    nemo distill_llm distill --factory tiny run.executor=local run.executor.devices=2 --yes
+    nemo distill_llm distill --factory tiny run.executor=local run.executor.ntasks_per_node=2 --yes
     # no teacher in memory: from the cache the `tiny_cache` recipe writes
     nemo distill_llm distill --factory tiny teacher=None teacher_cache=runs/tiny/teacher_cache --yes
 Python:
+    import fiddle as fdl
     import nemo_run as run
     from distill_llm.executors import local
     from distill_llm.recipes import tiny
-    run.run(tiny.recipe(steps=50), executor=local(devices=2))
+    run.run(tiny.recipe(steps=50), executor=fdl.build(local(devices=2)))
 Script:
     python recipes/tiny.py train.steps=50 --yes
 """
