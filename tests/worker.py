@@ -4,7 +4,8 @@
 
 Ops: init_model, distill, pretrain, export_nemo, logits (gathered full-vocab logits of a
 checkpoint for fixed tokens at op's tensor_parallel / expert_parallel, saved by rank 0),
-weights (a checkpoint's tensors at TP=1).
+weights (a checkpoint's tensors at TP=1), attention_paths (one model's logits with SDPA and
+with megatron's unfused attention).
 `kill` simulates a crash: {"after_save": N} SIGKILLs the process right after the N-th training
 checkpoint is committed; {"during_save": N} SIGKILLs it in the N-th save after the shards are
 written but before the checkpoint is committed. The whole process group dies (torchrun, every
@@ -108,6 +109,34 @@ def _weights(op: dict) -> None:
     torch.save(state, op["out"])
 
 
+def _attention_paths(op: dict) -> None:
+    """Logits [b, s, V] (gathered) of one model built twice on op["tensor_parallel"] ranks, with
+    SDPA and with megatron's unfused core attention, the same weights; rank 0 saves both."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from distill_llm.engine import parallel
+    from distill_llm.engine.model import ModelConfig, build_gpt
+
+    cfg = ModelConfig(**op["model"])
+    tp = op.get("tensor_parallel", 1)
+    parallel.initialize(parallel.ParallelConfig(tensor_parallel=tp), seed=17)
+    sdpa, unfused = (
+        build_gpt(cfg, tensor_parallel=tp),
+        build_gpt(cfg, tensor_parallel=tp, attention="unfused"),
+    )
+    unfused.load_state_dict(sdpa.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=gen)
+    positions = torch.arange(32).expand(2, 32)
+    out = {}
+    for name, model in (("sdpa", sdpa), ("unfused", unfused)):
+        model.eval()
+        with torch.no_grad():
+            out[name] = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
+    if parallel.is_main():
+        torch.save(out, op["out"])
+
+
 def _lm_loss(op: dict) -> None:
     """The per-token LM loss [b, s] the engine trains and validates on, for the model at
     op["checkpoint"] on op["tensor_parallel"] ranks: the plain GPT's (`pretrain`, `evaluate`'s
@@ -151,8 +180,10 @@ def main(spec_path: str) -> None:
         _record_teacher(spec["teacher_out"])
     for op in spec["ops"]:
         kind = op.pop("op")
-        if kind in ("logits", "lm_loss", "weights"):
-            {"logits": _logits, "lm_loss": _lm_loss, "weights": _weights}[kind](op)
+        local = {"logits": _logits, "lm_loss": _lm_loss, "weights": _weights,
+                 "attention_paths": _attention_paths}  # fmt: skip
+        if kind in local:
+            local[kind](op)
             continue
         make = {
             "model": dl.ModelConfig,

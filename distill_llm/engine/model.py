@@ -308,10 +308,12 @@ def _moe_settings(cfg: ModelConfig, expert_parallel: int, on_gpu: bool) -> dict:
     )
 
 
-def layer_spec(cfg: ModelConfig, config=None):
+def layer_spec(cfg: ModelConfig, config=None, attention: str = "sdpa"):
     """TransformerEngine layer spec on a GPU with TE installed, else megatron-core's local spec.
     An MoE model gets a block spec (`config`: its TransformerConfig) mixing dense and MoE
-    layers as `cfg.moe_layer_pattern` says; experts are `SequentialMLP`s."""
+    layers as `cfg.moe_layer_pattern` says; experts are `SequentialMLP`s. Without TE, core
+    attention is torch's SDPA (`engine.attention`), or megatron's unfused local attention with
+    `attention="unfused"` (the same maths, kept for comparison)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     use_te = False
@@ -322,17 +324,25 @@ def layer_spec(cfg: ModelConfig, config=None):
             use_te = True
         except ImportError:
             pass
+    if attention not in ("sdpa", "unfused"):
+        raise ValueError(f"attention must be 'sdpa' or 'unfused', got {attention!r}")
     if cfg.is_moe:
-        return gpt_layer_specs.get_gpt_decoder_block_spec(
+        spec = gpt_layer_specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization=cfg.normalization
         )
-    if use_te:
+    elif use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=cfg.qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm
-    )
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm
+        )
+    if not use_te and attention == "sdpa":
+        from distill_llm.engine.attention import use_sdpa
+
+        use_sdpa(spec)
+    return spec
 
 
 # A logit of probability exactly 0 that keeps every later operation finite.
@@ -379,9 +389,11 @@ def build_gpt(
     pipeline_parallel: int = 1,
     params_dtype: torch.dtype = torch.float32,
     expert_parallel: Optional[int] = None,
+    attention: str = "sdpa",
 ):
     """Build this rank's GPTModel shard (parallel_state must be initialised; the expert-parallel
-    size defaults to the one the process groups were built with)."""
+    size defaults to the one the process groups were built with; `attention`: see
+    `layer_spec`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -397,7 +409,7 @@ def build_gpt(
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, config),
+        transformer_layer_spec=layer_spec(cfg, config, attention),
         vocab_size=cfg.padded_vocab_size(tensor_parallel),
         max_sequence_length=cfg.max_seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
