@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from distill_llm.engine import checkpoint
-from distill_llm.engine.model import ModelConfig
+from distill_llm.engine.model import ModelConfig, build_gpt
 from distill_llm.errors import ConfigError
 from distill_llm.formats.hf.config import HF_META_KEY, find_tokenizer_dir, is_hf_dir
 from distill_llm.formats.hf.weights import checked_config, load_hf_weights
@@ -56,6 +56,19 @@ def load_model(path, module, model_cfg: ModelConfig, role: str) -> None:
         nemo.NemoCheckpoint(path).load_into(module)
     else:
         checkpoint.load_model(path, module, model_cfg)
+
+
+def load_on_layout(path, cfg: ModelConfig, layout, role: str = "model"):
+    """This rank's GPTModel for `cfg` built on `layout` (a ParallelConfig) and filled from the
+    model at `path` (what every export reloads a checkpoint into)."""
+    model = build_gpt(
+        cfg,
+        tensor_parallel=layout.tensor_parallel,
+        pipeline_parallel=layout.pipeline_parallel,
+        params_dtype=layout.params_dtype,
+    )
+    load_model(path, model, cfg, role=role)
+    return model
 
 
 def tokenizer_dir_of(path) -> Optional[str]:

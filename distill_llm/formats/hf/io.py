@@ -226,14 +226,7 @@ def export_checkpoint(checkpoint: str, cfg: ModelConfig, output_dir, layout, **h
     """Load an engine checkpoint into a model built on the current `layout` (a ParallelConfig)
     and write it as an HF directory (`how`: export_model's family, dtype, tokenizer)."""
 
-    model = build_gpt(
-        cfg,
-        tensor_parallel=layout.tensor_parallel,
-        pipeline_parallel=layout.pipeline_parallel,
-        params_dtype=layout.params_dtype,
-    )
-    paths.load_model(checkpoint, model, cfg, role="model")
-    export_model(model, cfg, output_dir, **how)
+    export_model(paths.load_on_layout(checkpoint, cfg, layout), cfg, output_dir, **how)
 
 
 def export_hf(

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from distill_llm.engine import parallel
-from distill_llm.engine.model import ModelConfig, build_gpt
+from distill_llm.engine.model import ModelConfig
 from distill_llm.errors import ConfigError, cli_status
 from distill_llm.formats import paths
 from distill_llm.formats.nemo import config as nemo_config
@@ -209,14 +209,7 @@ def export_nemo(
 def export_checkpoint(checkpoint: str, cfg: ModelConfig, output: str, layout, **how) -> None:
     """Load `checkpoint` into a model built on the current `layout` (a ParallelConfig) and
     write it as a NeMo checkpoint (`how`: write_nemo's fmt and tokenizer)."""
-    model = build_gpt(
-        cfg,
-        tensor_parallel=layout.tensor_parallel,
-        pipeline_parallel=layout.pipeline_parallel,
-        params_dtype=layout.params_dtype,
-    )
-    paths.load_model(checkpoint, model, cfg, role="model")
-    write_nemo(model, cfg, output, **how)
+    write_nemo(paths.load_on_layout(checkpoint, cfg, layout), cfg, output, **how)
 
 
 def main(argv=None) -> int:
