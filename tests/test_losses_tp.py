@@ -1,6 +1,7 @@
-"""chunked_per_position over vocabulary shards (tensor parallel, 2 gloo processes, half the
-vocabulary each) equals the full-vocabulary computation: the rows summed across ranks are the
-full rows, and each rank's gradient is its slice of the full-vocabulary autograd gradient."""
+"""chunked_per_position and both chunked cross entropies over vocabulary shards (tensor
+parallel, 2 gloo processes, half the vocabulary each) equal the full-vocabulary computation:
+the rows summed across ranks are the full rows, and each rank's gradient is its slice of the
+full-vocabulary autograd gradient."""
 
 import socket
 from datetime import timedelta
@@ -8,9 +9,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from test_losses import away_from_tvd_kinks
 
-from distill_llm.kd.losses import KINDS, chunked_per_position, per_position
+from distill_llm.kd.losses import (
+    KINDS,
+    chunked_cross_entropy,
+    chunked_per_position,
+    logits_cross_entropy,
+    per_position,
+)
 
 WORLD = 2
 VOCAB = 64  # 32 tokens a rank
@@ -73,8 +81,29 @@ def _worker(rank: int, port: int) -> None:
                     _close(s.grad, s_full.grad[..., shard], f"{what}: gradient")
                     _close(s.grad, s_auto.grad, f"{what}: gradient vs autograd with the group")
                     assert torch.count_nonzero(s.grad[grad_rows == 0]) == 0, what
+        _cross_entropies(rank, group, student, shard)
     finally:
         dist.destroy_process_group()
+
+
+def _cross_entropies(rank: int, group, logits, shard) -> None:
+    """Both chunked CEs on this rank's vocabulary shard equal the full-vocabulary CE, labels
+    on either rank's shard and ids from 60 on (padding) excluded; the logits stay untouched."""
+    labels = torch.arange(15).reshape(5, 3) * 4 % 60
+    real = logits[..., :60]
+    want = F.cross_entropy(real.double().flatten(0, 1), labels.flatten(), reduction="none")
+    local = logits[..., shard].clone()
+    before = local.clone()
+    for chunk in (1, 4, 100):
+        got = logits_cross_entropy(local, labels, group, chunk, vocab_limit=60)
+        _close(got.double(), want.view(5, 3), f"rank {rank} logits CE chunk={chunk}")
+        assert torch.equal(local, before), "logits_cross_entropy modified its input"
+    hidden = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(5))
+    weight = torch.randn(VOCAB, 8, generator=torch.Generator().manual_seed(6))
+    full = (hidden @ weight.T)[..., :60].double()
+    want = F.cross_entropy(full.flatten(0, 1), labels.flatten(), reduction="none")
+    got = chunked_cross_entropy(hidden, weight[shard], labels, group, 4, vocab_limit=60)
+    _close(got.double(), want.view(5, 3), f"rank {rank} fused CE")
 
 
 def _free_port() -> int:
@@ -83,6 +112,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_chunked_per_position_over_two_vocabulary_shards():
+def test_chunked_per_position_and_cross_entropy_over_two_vocabulary_shards():
     # a failing assertion in a rank re-raises here, with that rank's traceback
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)

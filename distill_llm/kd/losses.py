@@ -455,6 +455,45 @@ def fused_per_position(
     )
 
 
+def _cross_entropy_chunks(chunk_logits, n: int, labels, local: int, group, chunk_size: int):
+    """THE chunked cross entropy (no gradient): `chunk_logits(piece, start)` gives float32
+    logits `[len(piece), local]` of this rank's vocabulary shard (ids from the shard's `start`),
+    padding already excluded; `labels` `[n]` are global ids. Returns `[n]` float32."""
+    y = labels.reshape(-1)
+    start = torch.distributed.get_rank(group) * local if _sharded(group) else 0
+    out = torch.empty(n, dtype=torch.float32, device=labels.device)
+    for i in range(0, n, chunk_size):
+        piece = slice(i, i + chunk_size)
+        z = chunk_logits(piece, start)
+        ids = y[piece] - start
+        here = (ids >= 0) & (ids < local)
+        picked = z.gather(-1, ids.clamp(0, local - 1)[:, None])[:, 0]
+        picked = torch.where(here, picked, torch.zeros_like(picked))
+        if _sharded(group):  # the target's logit lives on one rank
+            torch.distributed.all_reduce(picked, group=group)
+        out[piece] = _log_normaliser(z, group) - picked
+    return out
+
+
+def _log_normaliser(z: torch.Tensor, group=None) -> torch.Tensor:
+    """log sum_v exp(z_v) over the last dim, over the whole vocabulary under a TP `group`."""
+    if not _sharded(group):
+        return torch.logsumexp(z, dim=-1)
+    peak = z.max(dim=-1).values
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+    total = (z - peak[:, None]).exp().sum(-1)
+    torch.distributed.all_reduce(total, group=group)
+    return peak + total.log()
+
+
+def _real_in_shard(local: int, vocab_limit: Optional[int], group) -> Optional[int]:
+    """How many of this rank's `local` ids are below `vocab_limit` (None: all are real)."""
+    if vocab_limit is None:
+        return None
+    start = torch.distributed.get_rank(group) * local if _sharded(group) else 0
+    return max(0, min(local, vocab_limit - start))
+
+
 @torch.no_grad()
 def chunked_cross_entropy(
     hidden: torch.Tensor,
@@ -469,18 +508,37 @@ def chunked_cross_entropy(
     vocabulary shard under a TP `group`), `labels` of shape `hidden.shape[:-1]`; ids from
     `vocab_limit` on (Megatron's padding rows) get probability 0."""
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    start = torch.distributed.get_rank(group) * weight.shape[0] if _sharded(group) else 0
-    real = None if vocab_limit is None else max(0, min(weight.shape[0], vocab_limit - start))
-    out = torch.empty(h2.shape[0], dtype=torch.float32, device=hidden.device)
-    for i in range(0, h2.shape[0], chunk_size):
-        piece = slice(i, i + chunk_size)
-        log_p = log_softmax(_chunk_logits(h2[piece], weight, real), group)
-        local = y[piece] - start
-        here = (local >= 0) & (local < weight.shape[0])
-        picked = log_p.gather(-1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0]
-        picked = torch.where(here, picked, torch.zeros_like(picked))
-        if _sharded(group):
-            torch.distributed.all_reduce(picked, group=group)
-        out[piece] = -picked
+    real = _real_in_shard(weight.shape[0], vocab_limit, group)
+    out = _cross_entropy_chunks(
+        lambda piece, _start: _chunk_logits(h2[piece], weight, real),
+        h2.shape[0], labels, weight.shape[0], group, chunk_size,
+    )  # fmt: skip
+    return out.view(labels.shape)
+
+
+@torch.no_grad()
+def logits_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group=None,
+    chunk_size=256,
+    vocab_limit: Optional[int] = None,
+) -> torch.Tensor:
+    """The cross entropy of `labels` under `logits` `[..., V/TP]` (this rank's shard under a TP
+    `group`; `labels` of shape `logits.shape[:-1]`), no gradient, `chunk_size` positions at a
+    time: it neither modifies `logits` (megatron's CE does) nor copies them whole, so a KD loss
+    can read the same tensor afterwards. Ids from `vocab_limit` on get probability 0."""
+    local = logits.shape[-1]
+    z2 = logits.reshape(-1, local)
+    real = _real_in_shard(local, vocab_limit, group)
+
+    padding = None
+    if real is not None and real < local:
+        padding = torch.arange(local, device=logits.device) >= real
+
+    def chunk_logits(piece, _start):  # out of place: `logits` stays as it was
+        z = z2[piece].float()
+        return z if padding is None else z.masked_fill(padding, EXCLUDED_LOGIT)
+
+    out = _cross_entropy_chunks(chunk_logits, z2.shape[0], labels, local, group, chunk_size)
     return out.view(labels.shape)

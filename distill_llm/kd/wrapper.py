@@ -81,22 +81,26 @@ def _fuse_output_layer(student, chunk_size: int):
     return lm_loss_from_hidden
 
 
-def _guarded_lm_loss(kd: KDConfig):
+def _guarded_lm_loss(kd: KDConfig, real: int):
     """The student's `compute_language_model_loss`, made safe for distillation.
 
     megatron's `vocab_parallel_cross_entropy` overwrites its logits argument in place, and its
     `.float()` makes no copy of fp32 logits. The KD loss reads the same logits tensor afterwards
-    (captured by ModelOpt's forward hook), so without a copy it would silently see softmax
-    probabilities instead of logits. The CE therefore gets its own copy. When the LM loss is not
-    in the gradient it runs under no_grad, for logging only. It is over the real vocabulary
-    (engine.model.lm_loss), not Megatron's padding rows.
+    (captured by ModelOpt's forward hook), so it must not see softmax probabilities there.
+    When the LM loss is only logged (not in the gradient, or no gradient at all), it is computed
+    chunk by chunk without touching the logits (`losses.logits_cross_entropy`: no full copy);
+    when it trains, megatron's CE gets its own copy. Either way it is over the `real`
+    vocabulary (engine.model.lm_loss), not Megatron's padding rows.
     """
+    chunk = kd.chunk_size or FUSED_CHUNK
 
     def compute_language_model_loss(self, labels, logits):  # logits [s, b, V/TP] -> [b, s]
-        if self.training and not kd.lm_in_gradient:
-            with torch.no_grad():
-                return lm_loss(self, labels, logits.detach(), copy=True)
-        return lm_loss(self, labels, logits, copy=True)
+        if kd.lm_in_gradient and torch.is_grad_enabled():
+            return lm_loss(self, labels, logits, copy=True)
+        ce = losses.logits_cross_entropy(
+            logits.detach(), labels.transpose(0, 1), _tp_group(), chunk, real
+        )
+        return ce.transpose(0, 1).contiguous()
 
     return compute_language_model_loss
 
@@ -166,7 +170,7 @@ def build_distillation_model(student, teacher, kd: KDConfig):
     if kd.fused_output_layer and getattr(student, "post_process", True):
         lm_loss_fn = _fuse_output_layer(student, kd.chunk_size or FUSED_CHUNK)
     else:
-        lm_loss_fn = _guarded_lm_loss(kd)
+        lm_loss_fn = _guarded_lm_loss(kd, real_vocab(student))
     model.compute_language_model_loss = MethodType(lm_loss_fn, model)
     model.kd_criterion = criterion
     return model

@@ -1,0 +1,142 @@
+"""Where each millisecond of a KD step goes: torch.profiler over bench/peers.py's steps, the
+operators' own CPU time grouped by kind, for our `distill` and for the peers.
+
+    .venv/bin/python bench/step_profile.py [--variants distill modelopt_hf plain_kd] [--steps 4]
+
+Runs after bench/peers.py has written its HF models (runs/bench/peers/{teacher,student}); each
+variant in a fresh process, one at a time, 2 threads, `--warmup` untimed steps then `--steps`
+profiled ones. Operators are grouped by their own ("self") CPU time:
+  gemm         matrix products (mm, addmm, bmm, linear's kernels): the floor every
+               implementation of the same models pays with the same BLAS
+  attention    scaled_dot_product_attention (flash / math kernels) and the unfused path's softmax
+  softmax/exp  log_softmax, softmax, exp, logsumexp and their backwards outside attention
+  elementwise  the remaining pointwise and reduction kernels (norms, SwiGLU, RoPE, KL terms)
+  copy/alloc   copies, casts, cat, empty/zeros, contiguous
+  optimizer    AdamW's foreach kernels and the gradient-norm clipping
+  other        everything else
+Writes runs/bench/peers/profile.json and prints a table of ms per step per group, plus the
+ratio "ModelOpt-HF step / our gemm time": the best a step of the same GEMMs could do against
+the peer, if everything but the matrix products cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import peers_variants as pv  # bench/ is this script's directory, hence on sys.path
+
+GROUPS = ("gemm", "attention", "softmax/exp", "elementwise", "copy/alloc", "optimizer", "other")
+TAG = "PROFILE_RESULT "
+
+
+def group_of(name: str) -> str:
+    """The group of an aten operator name (see the module docstring)."""
+    n = name.removeprefix("aten::")
+    if n in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "dot", "mv", "addmv"):
+        return "gemm"
+    if "scaled_dot_product" in n or "flash_attention" in n or "efficient_attention" in n:
+        return "attention"
+    if "foreach" in n or "adam" in n or "clip_grad" in n or "norm_" in n and "multi" in n:
+        return "optimizer"
+    if any(k in n for k in ("softmax", "logsumexp", "exp")) and "expand" not in n:
+        return "softmax/exp"
+    if any(
+        k in n for k in ("copy", "clone", "to_copy", "cat", "empty", "zeros", "contiguous", "fill_")
+    ):
+        return "copy/alloc"
+    if any(
+        k in n
+        for k in (
+            "mul", "add", "sub", "div", "neg", "pow", "rsqrt", "sqrt", "mean", "sum", "silu",
+            "sigmoid", "where", "gather", "scatter", "xlogy", "log", "max", "min", "masked",
+            "cos", "sin", "clamp", "abs", "norm", "lerp", "index", "embedding", "nll",
+            "cross_entropy",
+        )
+    ):  # fmt: skip
+        return "elementwise"
+    return "other"
+
+
+def profile_variant(name: str, out: Path, steps: int, warmup: int, threads: int) -> dict:
+    """Build variant `name` in this process, run `warmup` steps, profile `steps` more."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    variant = pv.build(name, out / "teacher", out / "student", warmup + steps, out / "engine")
+    for _ in range(warmup):
+        variant.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            variant.step()
+    by_group, by_op = defaultdict(float), defaultdict(float)
+    total_us = 0.0
+    for event in prof.key_averages():
+        own = event.self_cpu_time_total  # microseconds, all profiled steps
+        by_group[group_of(event.key)] += own
+        by_op[event.key] += own
+        total_us += own
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "variant": name,
+        "steps": steps,
+        "ms_per_step": {g: by_group[g] / 1e3 / steps for g in GROUPS},
+        "total_ms_per_step": total_us / 1e3 / steps,
+        "top_ops_ms_per_step": {k: v / 1e3 / steps for k, v in top},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["distill", "modelopt_hf", "plain_kd"])
+    ap.add_argument("--steps", type=int, default=4, help="profiled steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/bench/peers")
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # a child process: profile this one
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.variant:
+        result = profile_variant(args.variant, out, args.steps, args.warmup, args.threads)
+        print(TAG + json.dumps(result), flush=True)
+        return
+    if not (out / "teacher").is_dir():
+        sys.exit(f"no models in {out}: run `.venv/bin/python bench/peers.py` first")
+    results = []
+    for name in args.variants:
+        print(f"profiling {name} ...", flush=True)
+        cmd = [sys.executable, __file__, "--variant", name, "--out", str(out)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
+        if proc.returncode or not lines:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(lines[-1][len(TAG) :]))
+    (out / "profile.json").write_text(json.dumps(results, indent=1))
+    head = f"{'ms/step':<14}" + "".join(f"{r['variant']:>14}" for r in results)
+    print(head)
+    for g in GROUPS + ("total",):
+        cells = [r["total_ms_per_step"] if g == "total" else r["ms_per_step"][g] for r in results]
+        print(f"{g:<14}" + "".join(f"{c:>14.1f}" for c in cells))
+    by = {r["variant"]: r for r in results}
+    if "distill" in by:
+        gemm = by["distill"]["ms_per_step"]["gemm"]
+        for peer in ("modelopt_hf", "plain_kd"):
+            if peer in by:
+                ratio = by[peer]["total_ms_per_step"] / gemm
+                print(f"{peer} step / our GEMM time: {ratio:.3f} (the most a step could gain)")
+    for r in results:
+        print(f"\n{r['variant']}: top operators (ms/step)")
+        for k, v in r["top_ops_ms_per_step"].items():
+            print(f"  {v:8.1f}  {k}")
+    print(f"wrote {out / 'profile.json'}")
+
+
+if __name__ == "__main__":
+    main()
