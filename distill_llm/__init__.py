@@ -10,6 +10,7 @@ from distill_llm.api import (
     evaluate,
     init_model,
     pretrain,
+    prune,
 )
 from distill_llm.data.datasets import DataConfig
 from distill_llm.engine.model import ModelConfig
@@ -17,6 +18,7 @@ from distill_llm.engine.parallel import ParallelConfig
 from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
 from distill_llm.kd.config import KDConfig
+from distill_llm.prune.shape import PruneTarget
 
 __version__ = "0.1.0"
 
@@ -51,4 +53,6 @@ __all__ = [
     "import_hf",
     "init_model",
     "pretrain",
+    "prune",
+    "PruneTarget",
 ]

@@ -1,5 +1,6 @@
-"""Entry points: `distill` (student learns from a frozen teacher) and `pretrain` (same loop, no
-teacher). Both take plain dataclass configs, so Fiddle and NeMo-Run can build and launch them.
+"""Entry points: `distill` (student learns from a frozen teacher), `pretrain` (same loop, no
+teacher), `prune` (a student cut from the teacher), `cache_teacher`, `evaluate`. They take plain
+dataclass configs, so Fiddle and NeMo-Run can build and launch them.
 
 Launch (one process per tensor-parallel rank, times data-parallel replicas):
     nemo distill_llm distill --factory tiny run.executor=local run.executor.ntasks_per_node=2
@@ -8,10 +9,13 @@ with `torchrun --nproc_per_node=N`.
 """
 
 import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 from distill_llm import checks
 from distill_llm.checks import default_student
@@ -27,8 +31,19 @@ from distill_llm.formats.hf.io import export_checkpoint
 from distill_llm.formats.nemo import io as nemo_io
 from distill_llm.kd import offline
 from distill_llm.kd.config import KDConfig
+from distill_llm.prune import importance, output, shape, slicing
+from distill_llm.prune import plan as prune_plan
+from distill_llm.prune.shape import PruneTarget
 
-__all__ = ["cache_teacher", "default_student", "distill", "evaluate", "init_model", "pretrain"]
+__all__ = [
+    "cache_teacher",
+    "default_student",
+    "distill",
+    "evaluate",
+    "init_model",
+    "pretrain",
+    "prune",
+]
 
 
 def _data_module(data, source, train: TrainConfig, dp_size: int, run_path: Path) -> DataModule:
@@ -339,3 +354,84 @@ def evaluate(
         Path(output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(output_file).write_text(json.dumps(result, indent=2))
     return result
+
+
+def prune(
+    teacher: str,
+    output_dir: str,
+    target: Union[PruneTarget, int, str],
+    data: Optional[DataConfig] = None,
+    train: Optional[TrainConfig] = None,
+    calibration_batches: int = 16,
+    depth_method: str = "lm_loss",
+    parallel: Optional[ParallelConfig] = None,
+) -> dict:
+    """Cut a smaller model out of `teacher` (Minitron-style structured pruning) and write it to
+    `output_dir` as a checkpoint that `distill(student_checkpoint=...)`, `export_hf` and every
+    other entry point read, with `prune.json` beside it (what was kept, and why).
+
+    `target`: the pruned shape (a `PruneTarget`, a dict of its fields or a ModelConfig; fields
+    left out keep the teacher's) or a parameter budget (an int, or "2M", "4B"), from which the
+    largest shape of one width family is chosen and printed (`prune.shape`). Importance comes
+    from `calibration_batches` global batches of `train` (its seq_length, batch sizes and seed:
+    the first batches `distill` with the same `data` and `train` trains on) of `data`'s
+    training split (`prune.importance`): width from activation magnitudes, depth by
+    `depth_method` ("lm_loss": the LM loss without the layer; "block_importance": 1 - cosine
+    of a layer's input and output). The highest-scored layers, hidden channels, query groups,
+    heads and FFN neurons are kept, in the teacher's order (`prune.plan`, `prune.slicing`).
+
+    Tensor and data parallel as in `distill` (the importance is gathered over TP ranks and
+    summed over DP ranks: the result is the TP=1 result); pipeline parallel and mixture-of-
+    experts teachers are refused. Nothing is written unless the whole model is.
+    Returns {"checkpoint", "params", "teacher_params", "student_model", "calibration_loss"}.
+    """
+    data, train = data or DataConfig(), train or TrainConfig()
+    parallel = parallel or ParallelConfig()
+    teacher_cfg, student_cfg, data, source, dp_size = checks.check_prune(
+        teacher, output_dir, target=target, data=data, train=train, parallel=parallel,
+        calibration_batches=calibration_batches, depth_method=depth_method,
+        world_size=dist.world_size_from_env(),
+    )  # fmt: skip
+    out = Path(output_dir)
+    scratch = out.with_name(f".{out.name}.calibration")  # megatron's data index caches
+    dist.initialize(parallel, train.seed)
+    if dist.is_main():
+        print(shape.announce(str(teacher), teacher_cfg, target, student_cfg), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # a crashed run's leftovers
+    dist.barrier()
+    try:
+        model = paths.load_on_layout(teacher, teacher_cfg, parallel, role="teacher")
+        calibration = dataclasses.replace(train, steps=calibration_batches)
+        data_module = _data_module(data, source, calibration, dp_size, scratch)
+        batches = itertools.islice(
+            data_module.train_batches(0), calibration_batches * data_module.plan.num_microbatches
+        )
+        dropped = student_cfg.num_layers < teacher_cfg.num_layers
+        scores = importance.collect(model, teacher_cfg, batches, depth_method, dropped)
+        kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method)]
+        if torch.distributed.get_world_size() > 1:  # one decision, whatever the float noise
+            torch.distributed.broadcast_object_list(kept, src=0)
+        student = _build(student_cfg, parallel, None, "student")
+        slicing.fill(student, model, kept[0], teacher_cfg)
+        content = output.record(
+            teacher=teacher, teacher_cfg=teacher_cfg, target=target, student_cfg=student_cfg,
+            depth_method=depth_method, scores=scores, plan=kept[0],
+            calibration={"batches": calibration_batches, "seq_length": train.seq_length,
+                         "samples": calibration_batches * train.global_batch_size,
+                         "seed": train.seed},
+        )  # fmt: skip
+        output.write(out, student, student_cfg, content, output.tokenizer_metadata(teacher, data))
+    finally:
+        if dist.is_main():
+            shutil.rmtree(scratch, ignore_errors=True)
+    if dist.is_main():
+        print(f"pruned model written to {out} (calibration loss of the teacher "
+              f"{scores.calibration_loss:.4f})", flush=True)  # fmt: skip
+    return {
+        "checkpoint": str(out),
+        "params": student_cfg.num_parameters(),
+        "teacher_params": teacher_cfg.num_parameters(),
+        "student_model": student_cfg.to_dict(),
+        "calibration_loss": scores.calibration_loss,
+    }

@@ -5,6 +5,7 @@ submitted) call the same functions, so the two can never disagree.
     dp = checks.check_common(train, optim, parallel, world_size)
     plan = checks.check_distill(teacher=..., student=..., ..., world_size=ws)   # api and CLI
     checks.check_pretrain(model=..., init_checkpoint=..., ..., world_size=ws)
+    teacher_cfg, student, data, source, dp = checks.check_prune(teacher, out, target=..., ...)
 
 `local_files=False` (the CLI submitting to another machine) skips the checks whose inputs are
 paths that do not exist here; everything else is checked the same way.
@@ -30,6 +31,8 @@ from distill_llm.formats.nemo import config as nemo_config
 from distill_llm.formats.nemo.io import check_output as check_nemo_output
 from distill_llm.kd import offline, teacher_cache
 from distill_llm.kd.config import KDConfig
+from distill_llm.prune import shape
+from distill_llm.prune.importance import DEPTH_METHODS
 
 _LAST_STAGE_MODULES = ("decoder.final_layernorm", "output_layer")
 
@@ -383,6 +386,56 @@ def check_evaluate(teacher, model_checkpoint, data, train, parallel, world_size)
     check_compatible(model_cfg, teacher_cfg, parallel, train.seq_length)
     vocab = {"teacher": teacher_cfg.vocab_size, "model": model_cfg.vocab_size}
     return teacher_cfg, model_cfg, data.resolve(vocab, train.seq_length), dp_size
+
+
+def check_prune(
+    teacher: str,
+    output_dir: str,
+    *,
+    target: shape.Target,
+    data: DataConfig,
+    train: TrainConfig,
+    parallel: ParallelConfig,
+    calibration_batches: int,
+    depth_method: str,
+    world_size: int,
+    local_files: bool = True,
+):
+    """Every refusal `prune` makes before it starts; returns (teacher architecture, pruned
+    architecture, data config with its tokenizer defaulted, checked data blend, data-parallel
+    size). With `local_files=False` the teacher and data may be absent here: the architectures
+    and blend are then None."""
+    dp_size = check_common(train, OptimConfig(), parallel, world_size)
+    if parallel.pipeline_parallel > 1:
+        raise ConfigError("prune runs with pipeline_parallel=1; use tensor or data parallel")
+    if depth_method not in DEPTH_METHODS:
+        raise ConfigError(
+            f"depth_method {depth_method!r} is unknown; choose one of {', '.join(DEPTH_METHODS)}"
+        )
+    if isinstance(calibration_batches, bool) or not (
+        isinstance(calibration_batches, int) and calibration_batches >= 1
+    ):
+        raise ConfigError(f"calibration_batches must be at least 1, got {calibration_batches!r}")
+    if output_dir and Path(output_dir).exists():
+        raise ConfigError(f"output_dir {output_dir} exists; choose a new directory")
+    if not _visible(teacher, local_files):
+        shape.parse_budget(target)  # a malformed budget string is wrong anywhere
+        return None, None, data, None, dp_size
+    teacher_cfg = paths.model_config_of(teacher)
+    if teacher_cfg.is_moe:
+        raise ConfigError(
+            "pruning a mixture-of-experts teacher is not supported (experts are not ranked); "
+            "give a dense teacher"
+        )
+    check_model(teacher_cfg, parallel, train.seq_length, "teacher")
+    check_expert_parallel([teacher_cfg], parallel)
+    student = shape.resolve(teacher_cfg, target, parallel.tensor_parallel)
+    data = default_data_tokenizer(data, teacher)
+    check_same_tokenizer({"teacher": teacher, "data.tokenizer": data.tokenizer})
+    source = None
+    if local_files or all(Path(p).exists() for p in _data_paths(data)):
+        source = data.resolve({"teacher": teacher_cfg.vocab_size}, train.seq_length)
+    return teacher_cfg, student, data, source, dp_size
 
 
 def _data_paths(data: DataConfig) -> list:

@@ -4,6 +4,7 @@ outcome.
     nemo distill_llm distill    --factory tiny [key=value ...] [--dryrun] [--to-yaml F] [--yes]
     nemo distill_llm pretrain   --factory tiny_teacher --yes
     nemo distill_llm preprocess input=corpus.jsonl output_prefix=data/c tokenizer=tok --yes
+    nemo distill_llm prune      teacher=ckpt output_dir=pruned target=4B --yes
     ... run.executor=local run.executor.ntasks_per_node=2      (torchrun on this machine)
     ... run.executor=slurm run.executor.nodes=2 ...    (sbatch; see distill_llm.executors)
 
@@ -14,6 +15,7 @@ This is the only engine module that imports `distill_llm.recipes` and `distill_l
 (to register their factories).
 """
 
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -45,6 +47,7 @@ from distill_llm.recipes import (  # noqa: F401
     tiny,
     tiny_cache,
     tiny_moe,
+    tiny_prune,
     tiny_teacher,
     training,
 )
@@ -118,6 +121,12 @@ def _world_size(executor) -> int:
     return int(getattr(executor, "nodes", 1) or 1) * int(per_node or 1)
 
 
+def _defaults(fn) -> dict:
+    """The default of every argument of entry point `fn` that has one."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
 def preflight(task, executor) -> None:
     """The checks the entry point makes at start-up (distill_llm.checks, the same functions),
     made before anything is submitted, for the executor's world size: layout, batch sizes,
@@ -125,9 +134,20 @@ def preflight(task, executor) -> None:
     lands in a job script (executors.safety). Raises ConfigError."""
     check_executor(executor)
     fn = getattr(task, "__fn_or_cls__", None)
-    if fn not in (api.distill, api.pretrain):
+    if fn not in (api.distill, api.pretrain, api.prune):
         return
     args = fdl.build(task).keywords
+    if fn is api.prune:
+        given = {**_defaults(fn), **args}
+        checks.check_prune(
+            given.get("teacher"), given.get("output_dir"), target=given.get("target"),
+            data=given["data"] or DataConfig(), train=given["train"] or TrainConfig(),
+            parallel=given["parallel"] or ParallelConfig(),
+            calibration_batches=given["calibration_batches"],
+            depth_method=given["depth_method"], world_size=_world_size(executor),
+            local_files=False,
+        )  # fmt: skip
+        return
     common = {
         "data": args.get("data") or DataConfig(),
         "train": args.get("train") or TrainConfig(),
@@ -256,3 +276,4 @@ export_nemo = _register(
 cache_teacher = _register(
     api.cache_teacher, "Store a teacher's top-k log-probs over a run's data for distill."
 )
+prune = _register(api.prune, "Cut a smaller student out of a teacher (Minitron-style pruning).")

@@ -9,7 +9,8 @@
   `tiny`, `tiny_teacher`, `tiny_cache`, `llama31_8b_to_llama32_1b`, `qwen25_7b_to_qwen25_1p5b`,
   `nemo_to_nemo` (NeMo teacher and student files in, a NeMo file out); MoE teachers into dense
   students: `tiny_moe` (its module also holds the `tiny_moe_teacher` pretrain recipe),
-  `qwen3_30b_a3b_to_qwen3_4b`, `mixtral_8x7b_to_mistral_7b`.
+  `qwen3_30b_a3b_to_qwen3_4b`, `mixtral_8x7b_to_mistral_7b`; a student pruned from the tiny
+  teacher (`run.Partial` of `prune`): `tiny_prune`.
 
 Factories only build configs: no training, no I/O at import.
 """
@@ -24,4 +25,5 @@ RECIPES = (
     "tiny_moe",
     "qwen3_30b_a3b_to_qwen3_4b",
     "mixtral_8x7b_to_mistral_7b",
+    "tiny_prune",
 )

@@ -17,6 +17,7 @@ from conftest import ROOT, sp_data
 
 from distill_llm import checks
 from distill_llm.data.datasets import BatchPlan
+from distill_llm.prune import shape as prune_shape
 from distill_llm.recipes import RECIPES, models
 
 VENV_BIN = Path(sys.executable).parent
@@ -76,6 +77,8 @@ def test_every_recipe_builds_a_consistent_config(name):
         assert args.get("student") is None and args["export_nemo"].endswith(".nemo")
         return
     student = args.get("student") or args.get("model")
+    if "target" in args:  # a prune recipe: the student is the teacher cut to the target
+        student = prune_shape.resolve(fdl.build(module.teacher_model()), args["target"], tp)
     student.validate(tp, pp)
     checks.check_seq_length(student, train.seq_length, "student")
     if "teacher" in args:
@@ -118,7 +121,8 @@ def git_repo(tmp_path_factory):
 
 def test_dryrun_of_every_recipe(git_repo, tmp_path):
     for name in RECIPES:
-        entry = {"tiny_teacher": "pretrain", "tiny_cache": "cache_teacher"}.get(name, "distill")
+        entry = {"tiny_teacher": "pretrain", "tiny_cache": "cache_teacher",
+                 "tiny_prune": "prune"}.get(name, "distill")  # fmt: skip
         # the tiny ones in this process, the 8-GPU ones as a one-node Slurm job
         cpu = name.startswith(("tiny", "nemo"))
         where = [] if cpu else ["run.executor=slurm", "run.executor.account=a"]

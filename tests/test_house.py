@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 PKG = ROOT / "distill_llm"
-WINGS = ("kd", "engine", "data", "formats")
+WINGS = ("kd", "engine", "data", "formats", "prune")
 # Only the CLI (which registers them) and the quickstart (which launches them) may.
 MAY_IMPORT_RECIPES = {"distill_llm.cli", "distill_llm.quickstart"}
 # Old module paths kept as thin aliases of the modules that moved.

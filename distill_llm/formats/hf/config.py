@@ -344,6 +344,13 @@ def check_exportable(cfg: ModelConfig, family: str) -> None:
         raise ConfigError(f"{family} has no QKV-only bias; export this model as qwen2")
     if cfg.qk_layernorm and family != "qwen3":
         raise ConfigError(f"{family} has no QK norm; export this model as qwen3")
+    if family == "llama" and cfg.hidden_size % cfg.num_attention_heads:
+        # transformers' LlamaConfig.validate_architecture, even with head_dim given
+        raise ConfigError(
+            f"a Llama export needs hidden_size divisible by num_attention_heads (transformers "
+            f"refuses {cfg.hidden_size} / {cfg.num_attention_heads}, head_dim or not); choose a "
+            "head count that divides the hidden size"
+        )
 
 
 def _check_moe_exportable(cfg: ModelConfig, family: str) -> None:

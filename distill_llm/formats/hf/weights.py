@@ -24,10 +24,11 @@ megatron-core is imported inside the functions that use it (a few seconds of imp
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
+from distill_llm.engine import shards
 from distill_llm.engine.model import ModelConfig
 from distill_llm.errors import ConfigError
 from distill_llm.formats.hf.config import (
@@ -184,10 +185,6 @@ def _expert_names(cfg: ModelConfig, i: int, e: int) -> Tuple[str, str, str]:
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight")
 
 
-def _is_expert(name: str) -> bool:
-    return ".mlp.experts.local_experts." in name
-
-
 def _hf_parts(cfg: ModelConfig, name: str, expert_offset: int = 0) -> List[str]:
     """The HF tensors whose concatenation (dim 0) is megatron layer tensor `name` (all but
     linear_qkv); local expert j is expert `expert_offset` + j."""
@@ -293,50 +290,20 @@ def hf_tensors_from(cfg: ModelConfig, full: Dict[str, torch.Tensor]) -> Dict[str
     return out
 
 
-# -- tensor-parallel shards ----------------------------------------------------------------------
-def _is_fc1(name: str) -> bool:
-    return ".linear_fc1.weight" in name or ".linear_fc1.bias" in name
+# -- tensor-parallel shards (the layout: engine.shards) ------------------------------------------
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _shard(name: str, param, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """This rank's piece of `full` for megatron parameter `param`."""
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    """This rank's piece of `full` for megatron parameter `param` (vocabulary rows padded with
+    zeros to Megatron's padded size first)."""
+    if name in _VOCAB_ROWS:
         rows = param.shape[0] * tp
         if full.shape[0] > rows:
             raise ConfigError(f"{name}: {full.shape[0]} vocabulary rows exceed the padded {rows}")
         full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
         return full.chunk(tp)[rank]
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False) or _is_expert(name):
-        return full  # experts are whole on every TP rank (expert TP 1)
-    if _is_fc1(name):
-        gate, up = full.chunk(2)
-        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
-    return full.chunk(tp, dim=param.partition_dim)[rank]
-
-
-def _gather(name: str, param, tp: int) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (every rank of the TP group gets it)."""
-    from megatron.core import parallel_state
-
-    t = param.detach()
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False) or _is_expert(name):
-        return t.clone()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    torch.distributed.all_gather(
-        parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
-    )
-    if _is_fc1(name):
-        gates, ups = zip(*(p.chunk(2) for p in parts))
-        return torch.cat([*gates, *ups])
-    return torch.cat(parts, dim=param.partition_dim)
-
-
-def _named_params(model) -> Iterator[Tuple[str, torch.nn.Parameter]]:
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:  # tied output layer shares the embedding
-            seen.add(id(p))
-            yield name, p
+    return shards.shard_of(name, param, full, tp, rank)
 
 
 def load_hf_weights(model, cfg: ModelConfig, hf_path) -> None:
@@ -349,7 +316,7 @@ def load_hf_weights(model, cfg: ModelConfig, hf_path) -> None:
     rank = parallel_state.get_tensor_model_parallel_rank()
     offset = _expert_offset(cfg)
     with torch.no_grad():
-        for name, p in _named_params(model):
+        for name, p in shards.named_params(model):
             full = hf_tensor_for(cfg, name, weights, offset)
             expected = _full_shape(name, p, tp, cfg)
             if tuple(full.shape) != expected:  # check_weights ran first: a bug if reached
@@ -369,9 +336,9 @@ def _expert_offset(cfg: ModelConfig) -> int:
 
 def _full_shape(name: str, p, tp: int, cfg: ModelConfig) -> tuple:
     shape = list(p.shape)
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    if name in _VOCAB_ROWS:
         shape[0] = cfg.vocab_size
-    elif tp > 1 and getattr(p, "tensor_model_parallel", False) and not _is_expert(name):
+    elif shards.is_sharded(name, p, tp):
         shape[p.partition_dim] *= tp
     return tuple(shape)
 
@@ -400,12 +367,12 @@ def gather_hf_state(model, cfg: ModelConfig, dtype: torch.dtype) -> Dict[str, to
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     full = {}
-    for name, p in _named_params(model):
-        if _is_expert(name):
+    for name, p in shards.named_params(model):
+        if shards.is_expert(name):
             full.update({n: t.to(dtype) for n, t in _gather_experts(name, p, cfg).items()})
             continue
-        t = _gather(name, p, tp)
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        t = shards.gather_full(name, p, tp)
+        if name in _VOCAB_ROWS:
             t = t[: cfg.vocab_size]
         full[name] = t.to(dtype)
     return hf_tensors_from(cfg, full)

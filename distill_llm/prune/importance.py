@@ -1,0 +1,239 @@
+"""Minitron importance scores of a megatron-core GPTModel, from forward passes over calibration
+batches (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
+Distillation", arXiv 2407.14679; the aggregation is that of ModelOpt's `mcore_minitron` plugin).
+
+Width. For an activation X `[s, b, C]` a hook sees, each channel c gets
+    a_c = sum over the batch of (mean over the sequence of |X[:, :, c]|)^2,
+summed over every calibration micro-batch (and data-parallel rank); at the end sqrt(a_c), i.e.
+the L2 norm over all calibration sequences of the per-sequence mean magnitude.
+  - attention heads: X = the input of `linear_proj` (core attention output, `[s, b, H*d]`);
+    head j's score is the L2 norm of its d channel scores.
+  - query groups: the L2 norm of their heads' scores (= of all their query channels' scores).
+  - FFN neurons: X = the input of `linear_fc2` (after the activation / SwiGLU gating).
+  - hidden (embedding) channels: X = the output of each layer's `input_layernorm` and
+    `pre_mlp_layernorm`; sqrt per hook, then summed over the 2 x num_layers hooks.
+Under tensor parallel each rank accumulates its own heads / neurons (the statistics are per
+channel, so gathering them once at the end equals gathering every activation) and the scores
+are all-gathered over the TP group: every rank gets the global scores, equal to TP=1's.
+
+Depth, one score per layer, higher = more important:
+  - "block_importance": 1 - cosine similarity of the layer's input and output hidden states,
+    averaged over tokens (Men et al. 2024, "ShortGPT"), from the same forward passes;
+  - "lm_loss": the LM loss on the calibration tokens with the layer removed (its output is its
+    input); one more pass over the calibration batches per layer.
+
+megatron-core is imported inside the functions that use it (a few seconds of import):
+`import distill_llm` stays cheap, and megatron loads once an entry point runs.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from distill_llm.engine import parallel
+from distill_llm.engine.model import ModelConfig
+
+DEPTH_METHODS = ("lm_loss", "block_importance")
+
+
+@dataclass
+class Scores:
+    """A teacher's importance scores (all float32, on the CPU, the same on every rank)."""
+
+    hidden: torch.Tensor  # [hidden_size]
+    heads: torch.Tensor  # [num_layers, num_attention_heads]
+    ffn: torch.Tensor  # [num_layers, ffn_hidden_size]
+    block_importance: torch.Tensor  # [num_layers]: 1 - cos(input, output), token mean
+    lm_loss: Optional[torch.Tensor]  # [num_layers]: LM loss without the layer (None: not run)
+    calibration_loss: float  # the teacher's LM loss on the calibration tokens
+
+    def groups(self, cfg: ModelConfig) -> torch.Tensor:
+        """Query-group scores `[num_layers, num_query_groups]`: the L2 norm of their heads'."""
+        per_group = cfg.num_attention_heads // cfg.query_groups
+        return self.heads.view(cfg.num_layers, cfg.query_groups, per_group).norm(dim=-1)
+
+    def layers(self, depth_method: str) -> torch.Tensor:
+        """The depth scores `[num_layers]` of `depth_method` (one of DEPTH_METHODS)."""
+        return self.lm_loss if depth_method == "lm_loss" else self.block_importance
+
+
+def _channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """`[s, b, C]` -> `[C]`: sum over the batch of (mean over the sequence of |x|)^2."""
+    return x.detach().float().abs().mean(dim=0).pow(2).sum(dim=0)
+
+
+class _Recorder:
+    """Forward hooks accumulating the width statistics and block importance of every layer."""
+
+    def __init__(self, model, cfg: ModelConfig, device):
+        # on the model's device: no host sync per hook, and NCCL gathers them as they are
+        self.hidden = torch.zeros(2 * cfg.num_layers, cfg.hidden_size, device=device)
+        self.heads: List[Optional[torch.Tensor]] = [None] * cfg.num_layers
+        self.ffn: List[Optional[torch.Tensor]] = [None] * cfg.num_layers
+        self.block = torch.zeros(cfg.num_layers, device=device)
+        self.handles = []
+        for i, layer in enumerate(model.decoder.layers):
+            pairs = (
+                (layer.input_layernorm, layer.self_attention.linear_qkv),
+                (layer.pre_mlp_layernorm, layer.mlp.linear_fc1),
+            )
+            for k, (norm, linear) in enumerate(pairs):
+                if getattr(linear, "layer_norm_weight", None) is not None:
+                    # TransformerEngine fuses the norm into the next linear layer
+                    fused = self._add_fused_norm(2 * i + k, cfg)
+                    self.handles.append(linear.register_forward_pre_hook(fused))
+                else:
+                    self._hook(norm, self._add_hidden(2 * i + k))
+            self._hook(layer.self_attention.linear_proj, self._add_input(self.heads, i))
+            self._hook(layer.mlp.linear_fc2, self._add_input(self.ffn, i))
+            self.handles.append(layer.register_forward_hook(self._add_block(i), with_kwargs=True))
+
+    def _hook(self, module, fn) -> None:
+        self.handles.append(module.register_forward_hook(fn))
+
+    def _add_hidden(self, slot: int):
+        def hook(module, args, output):
+            self.hidden[slot] += _channel_sums(output)
+
+        return hook
+
+    def _add_fused_norm(self, slot: int, cfg: ModelConfig):
+        def hook(module, args):
+            x = args[0].float()
+            weight = module.layer_norm_weight.float()
+            bias = getattr(module, "layer_norm_bias", None)
+            if cfg.normalization == "RMSNorm":
+                y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * weight
+            else:
+                bias = None if bias is None else bias.float()
+                y = F.layer_norm(x, (x.shape[-1],), weight, bias, cfg.norm_epsilon)
+            self.hidden[slot] += _channel_sums(y)
+
+        return hook
+
+    @staticmethod
+    def _add_input(store: list, i: int):
+        def hook(module, args, output):
+            sums = _channel_sums(args[0])
+            store[i] = sums if store[i] is None else store[i] + sums
+
+        return hook
+
+    def _add_block(self, i: int):
+        def hook(module, args, kwargs, output):
+            before = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos = F.cosine_similarity(before.float(), output[0].float(), dim=-1)  # [s, b]
+            self.block[i] += (1 - cos).mean()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _without_layer(layer):
+    """`layer` passes its input through (its output is its input) inside the block."""
+
+    def identity(*args, hidden_states=None, context=None, **kwargs):
+        return (args[0] if hidden_states is None else hidden_states), context
+
+    layer.forward = identity
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def _loss_sums(model, batches: List[dict], device) -> torch.Tensor:
+    """[LM loss summed over the calibration tokens, their number] on this rank."""
+    total = torch.zeros(2, device=device)
+    for batch in batches:
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].to(per_token.device).float()
+        total += torch.stack([(per_token.float() * mask).sum(), mask.sum()])
+    return total
+
+
+def _dp_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the data-parallel ranks (every rank gets the sum)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() > 1:
+        t = t.contiguous()
+        torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t
+
+
+def _tp_gather(t: torch.Tensor) -> torch.Tensor:
+    """`[..., C/TP]` per TP rank -> `[..., C]` in rank order, on every rank of the TP group."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _progress(total: int):
+    if not parallel.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="calibration", unit="batch", mininterval=2.0)
+
+
+@torch.no_grad()
+def collect(
+    model, cfg: ModelConfig, batches: Iterable[dict], depth_method: str, layers_dropped: bool
+) -> Scores:
+    """The importance scores of `model` (this rank's GPTModel shard of `cfg`, pipeline parallel
+    1) over this rank's calibration micro-batches `batches` (dicts of `[b, s]` tokens, labels,
+    loss_mask, position_ids). The "lm_loss" depth passes run only when `layers_dropped`."""
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    extra = cfg.num_layers if depth_method == "lm_loss" and layers_dropped else 0
+    bar = _progress(len(batches) * (1 + extra))
+    was_training = model.training
+    model.eval()
+    recorder = _Recorder(model, cfg, device)
+    try:
+        base = _loss_sums(model, batches, device)
+    finally:
+        recorder.remove()
+    if bar is not None:
+        bar.update(len(batches))
+    without = None
+    if extra:
+        without = torch.zeros(cfg.num_layers, 2, device=device)
+        for i, layer in enumerate(model.decoder.layers):
+            with _without_layer(layer):
+                without[i] = _loss_sums(model, batches, device)
+            if bar is not None:
+                bar.update(len(batches))
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    count = _dp_sum(torch.tensor([float(len(batches))], device=device))
+    base = _dp_sum(base).cpu()
+    heads = _dp_sum(_tp_gather(torch.stack(recorder.heads))).cpu()
+    heads = heads.sqrt().view(cfg.num_layers, cfg.num_attention_heads, cfg.head_dim).norm(dim=-1)
+    lm_loss = None
+    if without is not None:
+        without = _dp_sum(without).cpu()
+        lm_loss = without[:, 0] / without[:, 1]
+    return Scores(
+        hidden=_dp_sum(recorder.hidden).cpu().sqrt().sum(dim=0),
+        heads=heads,
+        ffn=_dp_sum(_tp_gather(torch.stack(recorder.ffn))).cpu().sqrt(),
+        block_importance=(_dp_sum(recorder.block) / count).cpu(),
+        lm_loss=lm_loss,
+        calibration_loss=float(base[0] / base[1]),
+    )

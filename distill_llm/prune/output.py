@@ -1,0 +1,88 @@
+"""The pruned model on disk: a normal checkpoint (`engine.checkpoint`) with `prune.json` beside
+its `distill_llm.json`, written through a staging directory renamed at the end, so the output
+directory appears complete or not at all.
+
+prune.json: the teacher (path and architecture), the target as given, the pruned architecture,
+the depth method, the calibration (batches, samples, seq_length, seed, the teacher's LM loss on
+them), the layer scores of the depth method (None when no layer is dropped), the block
+importance of every layer, and the kept indices (`prune.plan.PrunePlan`, teacher numbering):
+enough to redo the slicing without this package.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from distill_llm.data.datasets import DataConfig
+from distill_llm.engine import checkpoint, parallel
+from distill_llm.engine.model import ModelConfig
+from distill_llm.formats.hf.config import HF_META_KEY
+from distill_llm.formats.hf.io import export_settings
+from distill_llm.prune import shape
+from distill_llm.prune.importance import Scores
+from distill_llm.prune.plan import PrunePlan
+
+RECORD_FILE = "prune.json"
+
+
+def record(
+    *,
+    teacher: str,
+    teacher_cfg: ModelConfig,
+    target: shape.Target,
+    student_cfg: ModelConfig,
+    depth_method: str,
+    calibration: dict,
+    scores: Scores,
+    plan: PrunePlan,
+) -> dict:
+    """prune.json's content (see the module docstring); `calibration`: batches, samples,
+    seq_length and seed of the calibration data."""
+    dropped = student_cfg.num_layers < teacher_cfg.num_layers
+    return {
+        "teacher": str(Path(teacher).resolve()),
+        "teacher_model": teacher_cfg.to_dict(),
+        "target": shape.target_record(target),
+        "student_model": student_cfg.to_dict(),
+        "depth_method": depth_method,
+        "calibration": {**calibration, "teacher_loss": scores.calibration_loss},
+        "layer_scores": scores.layers(depth_method).tolist() if dropped else None,
+        "block_importance": scores.block_importance.tolist(),
+        "kept": plan.to_dict(),
+    }
+
+
+def tokenizer_metadata(teacher: str, data: DataConfig) -> dict:
+    """The checkpoint metadata that carries the teacher's HF family, dtype and tokenizer
+    (else data.tokenizer, when a directory) to the pruned model: what `export_hf` and the
+    tokenizer checks of `distill` read. Empty when the teacher has none of them."""
+    family, dtype, tokenizer = export_settings([teacher])
+    if tokenizer is None and data.tokenizer and Path(data.tokenizer).is_dir():
+        tokenizer = data.tokenizer
+    if family is None and tokenizer is None:
+        return {}
+    found = {"source": str(Path(tokenizer).resolve()) if tokenizer else None}
+    if family is not None:
+        found.update(family=family, dtype=str(dtype).split(".")[1])
+    return {HF_META_KEY: found}
+
+
+def write(out, model, cfg: ModelConfig, content: dict, metadata: dict) -> None:
+    """Save `model` (this rank's shard of the pruned GPTModel for `cfg`, every rank calls) with
+    `metadata` in its distill_llm.json and `content` as prune.json into `out`, atomically."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.tmp")
+    if parallel.is_main():
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers
+    parallel.barrier()
+    try:
+        checkpoint.save_model(staging, model, cfg, step=0, pruned_from=content["teacher"],
+                              **metadata)  # fmt: skip
+        if parallel.is_main():
+            (staging / RECORD_FILE).write_text(json.dumps(content, indent=2))
+            os.replace(staging, out)
+    finally:
+        if parallel.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+    parallel.barrier()

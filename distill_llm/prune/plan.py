@@ -1,0 +1,73 @@
+"""Which units of the teacher survive: the top-scored ones, for the student's shape.
+
+Every list of kept indices is in the teacher's numbering and in ascending order, so the
+student keeps the teacher's order of layers, channels, groups and heads (pruning to the
+teacher's own shape is the identity). Ties go to the lower index.
+  - layers: the `student.num_layers` highest depth scores (all when the depth is kept).
+  - hidden: the `student.hidden_size` highest hidden-channel scores, one set for the whole
+    model (the residual stream, embeddings, every norm and the output layer share it).
+  - per kept layer: the `student.query_groups` highest-scored query groups (a kept group keeps
+    its key and value head); within each kept group its `heads per group` highest-scored heads
+    (every group the same count); the `student.ffn_hidden_size` highest-scored FFN neurons.
+Heads are numbered globally within a layer: group g holds heads g*p .. g*p + p - 1 (p = the
+teacher's heads per group).
+"""
+
+from dataclasses import asdict, dataclass
+from typing import List
+
+import torch
+
+from distill_llm.engine.model import ModelConfig
+from distill_llm.prune.importance import Scores
+
+
+@dataclass
+class PrunePlan:
+    """The kept indices (teacher numbering, ascending); per-layer lists follow `layers`."""
+
+    layers: List[int]
+    hidden: List[int]
+    query_groups: List[List[int]]
+    heads: List[List[int]]
+    ffn: List[List[int]]
+
+    def to_dict(self) -> dict:
+        """The plan as plain lists (prune.json's "kept")."""
+        return asdict(self)
+
+    def position(self, layer: int) -> int:
+        """Where teacher layer `layer` sits among the kept layers (its student number)."""
+        return self.layers.index(layer)
+
+
+def top(scores: torch.Tensor, k: int) -> List[int]:
+    """Indices of the `k` highest `scores` (ties: the lower index), in ascending order."""
+    order = torch.argsort(-scores.double(), stable=True)
+    return sorted(order[:k].tolist())
+
+
+def choose(
+    scores: Scores, teacher: ModelConfig, student: ModelConfig, depth_method: str
+) -> PrunePlan:
+    """The units of `teacher` that `student`'s shape keeps, by `scores` (see module docstring)."""
+    per_group = teacher.num_attention_heads // teacher.query_groups
+    keep_per_group = student.num_attention_heads // student.query_groups
+    layers = list(range(teacher.num_layers))
+    if student.num_layers < teacher.num_layers:
+        layers = top(scores.layers(depth_method), student.num_layers)
+    group_scores = scores.groups(teacher)
+    groups, heads, ffn = [], [], []
+    for i in layers:
+        kept = top(group_scores[i], student.query_groups)
+        groups.append(kept)
+        heads.append(
+            [
+                g * per_group + j
+                for g in kept
+                for j in top(scores.heads[i, g * per_group : (g + 1) * per_group], keep_per_group)
+            ]
+        )
+        ffn.append(top(scores.ffn[i], student.ffn_hidden_size))
+    hidden = top(scores.hidden, student.hidden_size)
+    return PrunePlan(layers=layers, hidden=hidden, query_groups=groups, heads=heads, ffn=ffn)
