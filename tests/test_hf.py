@@ -67,7 +67,13 @@ def _hf_logits(path) -> torch.Tensor:
 
 
 def _make_hf(path, family: str) -> None:
-    settings = {**BASE, **FAMILIES[family]}
+    save_random_hf(path, {**BASE, **FAMILIES[family]})
+
+
+def save_random_hf(path, settings: dict) -> None:
+    """A randomly initialised transformers model of `settings` (with its `model_type`), saved
+    to `path`, its weights perturbed so that norms and biases differ from their defaults."""
+    settings = dict(settings)
     cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

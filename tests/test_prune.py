@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_worker
+from test_hf import save_random_hf
 
 import distill_llm as dl
 from distill_llm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -165,14 +166,7 @@ FAMILIES = {
 
 
 def _hf_teacher(path, family: str) -> None:
-    settings = {**HF, **FAMILIES[family]}
-    cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so a mix-up shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
+    save_random_hf(path, {**HF, **FAMILIES[family]})
     corpus = Path(path) / "corpus.txt"
     corpus.write_text("\n\n".join(f"alpha beta gamma {i}" for i in range(300)))
     train_bpe_tokenizer(str(corpus), str(path), vocab_size=300)

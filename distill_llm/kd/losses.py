@@ -456,15 +456,15 @@ def fused_per_position(
 
 
 def _cross_entropy_chunks(chunk_logits, n: int, labels, local: int, group, chunk_size: int):
-    """THE chunked cross entropy (no gradient): `chunk_logits(piece, start)` gives float32
-    logits `[len(piece), local]` of this rank's vocabulary shard (ids from the shard's `start`),
-    padding already excluded; `labels` `[n]` are global ids. Returns `[n]` float32."""
+    """THE chunked cross entropy (no gradient): `chunk_logits(piece)` gives float32 logits
+    `[len(piece), local]` of this rank's vocabulary shard, padding already excluded; `labels`
+    `[n]` are global ids. Returns `[n]` float32."""
     y = labels.reshape(-1)
     start = torch.distributed.get_rank(group) * local if _sharded(group) else 0
     out = torch.empty(n, dtype=torch.float32, device=labels.device)
     for i in range(0, n, chunk_size):
         piece = slice(i, i + chunk_size)
-        z = chunk_logits(piece, start)
+        z = chunk_logits(piece)
         ids = y[piece] - start
         here = (ids >= 0) & (ids < local)
         picked = z.gather(-1, ids.clamp(0, local - 1)[:, None])[:, 0]
@@ -510,7 +510,7 @@ def chunked_cross_entropy(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     real = _real_in_shard(weight.shape[0], vocab_limit, group)
     out = _cross_entropy_chunks(
-        lambda piece, _start: _chunk_logits(h2[piece], weight, real),
+        lambda piece: _chunk_logits(h2[piece], weight, real),
         h2.shape[0], labels, weight.shape[0], group, chunk_size,
     )  # fmt: skip
     return out.view(labels.shape)
@@ -536,7 +536,7 @@ def logits_cross_entropy(
     if real is not None and real < local:
         padding = torch.arange(local, device=logits.device) >= real
 
-    def chunk_logits(piece, _start):  # out of place: `logits` stays as it was
+    def chunk_logits(piece):  # out of place: `logits` stays as it was
         z = z2[piece].float()
         return z if padding is None else z.masked_fill(padding, EXCLUDED_LOGIT)
 
