@@ -102,10 +102,10 @@ class LiveLogits:
         rows `s` and teacher rows `t_rows`, both `[n, V/TP]`."""
         return losses.per_position(kd.kind, s, t_rows, kd.temperature, kd.beta, group)
 
-    def rows_and_grad(self, kd: KDConfig, s, t_rows, group):
+    def rows_and_grad(self, kd: KDConfig, s, t_rows, group, out=None):
         """`rows` `[n]` and the gradient of their sum with respect to `s` (`[n, V/TP]`, in `s`'s
-        dtype), in closed form for forward and reverse KL."""
-        return losses._rows_and_grad(kd.kind, s, t_rows, kd.temperature, kd.beta, None, group)
+        dtype), in closed form for forward and reverse KL, written into `out` where it can."""
+        return losses._rows_and_grad(kd.kind, s, t_rows, kd.temperature, kd.beta, None, group, out)
 
 
 class CachedTopK:
@@ -133,9 +133,9 @@ class CachedTopK:
         )  # fmt: skip
         return value / tp_rank_size(group)[1]
 
-    def rows_and_grad(self, kd: KDConfig, s, cache_rows, group):
+    def rows_and_grad(self, kd: KDConfig, s, cache_rows, group, out=None):
         """`rows` `[n]` and, by autograd, the gradient of their sum with respect to `s`
-        (`[n, V/TP]`, in `s`'s dtype)."""
+        (`[n, V/TP]`, in `s`'s dtype; `out` unused, the caller copies it there)."""
         return losses.autograd_rows_and_grad(lambda _, z: self.rows(kd, z, cache_rows, group))(
             None, s
         )
@@ -168,7 +168,7 @@ class KDCriterion:
             rows = losses.chunked_rows(
                 student,
                 lambda p, s: source.rows(kd, s, _take(teacher_rows, p), group),
-                lambda p, s: source.rows_and_grad(kd, s, _take(teacher_rows, p), group),
+                lambda p, s, out: source.rows_and_grad(kd, s, _take(teacher_rows, p), group, out),
                 kd.chunk_size,
             )
         else:

@@ -89,9 +89,14 @@ def divergence(kind: str, log_ps: torch.Tensor, log_pt: torch.Tensor, beta: floa
 def per_position(kind: str, student, teacher, temperature: float, beta: float, group=None):
     """The divergence at each position (no T^2, no mask) of logits `[..., vocab]` (or of
     vocabulary shards, summed over this rank's shard, with a tensor-parallel `group`)."""
-    log_ps = log_softmax(student.float() / temperature, group)
-    log_pt = log_softmax(teacher.float() / temperature, group)
+    log_ps = log_softmax(_scaled(student, temperature), group)
+    log_pt = log_softmax(_scaled(teacher, temperature), group)
     return divergence(kind, log_ps, log_pt, beta)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 `logits / temperature`, with no pass over the logits at T = 1 (the default)."""
+    return logits.float() if temperature == 1 else logits.float() / temperature
 
 
 def check_settings(kind: str, temperature: float, beta: float) -> None:
@@ -108,23 +113,29 @@ def _sharded(group) -> bool:
     return group is not None and torch.distributed.get_world_size(group) > 1
 
 
-def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, group=None):
+def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, group=None, out=None):
     """Per-row divergence of a chunk `[c, vocab]` (this rank's shard part with a TP `group`)
     and the gradient of sum(weights * rows) with respect to `s`, in `s`'s dtype (weights 1
-    when None). With a `group` the gradient is that of the rows summed over all ranks, every
-    rank giving the same weights: the gradient autograd gives through `per_position(...,
-    group)` in Megatron's reduction. Forward and reverse KL use their closed forms in place,
-    with about four chunk-sized temporaries; JSD and TVD differentiate the chunk by autograd
-    (whose backward all-reduces the normalisers' gradients, on every rank in the same order).
+    when None). `out`: a `[c, vocab]` the forward KL writes its float32 gradient into (no copy
+    afterwards); other cases return a new tensor, and the caller copies. With a `group` the
+    gradient is that of the rows summed over all ranks, every rank giving the same weights:
+    the gradient autograd gives through `per_position(..., group)` in Megatron's reduction.
+    Forward and reverse KL use their closed forms in place, with about four chunk-sized
+    temporaries; JSD and TVD differentiate the chunk by autograd (whose backward all-reduces
+    the normalisers' gradients, on every rank in the same order).
     """
     if kind in ("forward_kl", "reverse_kl"):
         with torch.no_grad():
-            log_ps = log_softmax(s.float() / temperature, group)
-            log_pt = log_softmax(t.float() / temperature, group)
+            log_ps = log_softmax(_scaled(s, temperature), group)
+            log_pt = log_softmax(_scaled(t, temperature), group)
             if kind == "forward_kl":  # d/dz sum p_t (log p_t - log p_s) = p_s - p_t, z = s / T
                 p_t = log_pt.exp()
-                rows = torch.where(p_t > 0, log_pt.sub_(log_ps), 0.0).mul_(p_t).sum(-1)
-                grad = log_ps.exp_().sub_(p_t)
+                # A -inf log-probability on either side, raised to EXCLUDED_LOGIT, makes its
+                # term 0 * finite instead of NaN (in place: cheaper than masking with where)
+                log_ps.clamp_(min=EXCLUDED_LOGIT)
+                rows = log_pt.clamp_(min=EXCLUDED_LOGIT).sub_(log_ps).mul_(p_t).sum(-1)
+                into = out if out is not None and out.dtype == torch.float32 else log_ps
+                grad = torch.exp(log_ps, out=into).sub_(p_t)
             else:  # d/dz sum p_s (log p_s - log p_t) = p_s (log p_s - log p_t - value)
                 f = log_ps - log_pt.clamp_(min=LOG_PROB_FLOOR)
                 p_s = log_ps.exp_()
@@ -135,7 +146,8 @@ def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, gr
                     torch.distributed.all_reduce(value, group=group)
                 grad = p_s.mul_(f.sub_(value[:, None]))
             if weights is None:
-                grad.div_(temperature)
+                if temperature != 1:
+                    grad.div_(temperature)
             else:
                 grad.mul_((weights / temperature)[:, None])
             return rows, grad.to(s.dtype)
@@ -150,7 +162,8 @@ def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, gr
 class _ChunkedRows(torch.autograd.Function):
     """Per-position rows, `chunk` positions at a time, from `rows_and_grad(piece, s_chunk)`
     (the rows of the positions `piece` and their gradient with respect to `s_chunk`, weights
-    1). The gradients are written into one student-sized buffer during the forward pass, and
+    1). The gradients are written into one student-sized buffer during the forward pass (by
+    `rows_and_grad` itself where it can, else copied there), and
     the backward scales that buffer in place by the rows' incoming gradient: valid because
     each row depends on its own position's logits only. The one chunking mechanism of the
     logits losses (online teacher logits and cached top-k alike); `_FusedRows` differs only
@@ -163,7 +176,9 @@ class _ChunkedRows(torch.autograd.Function):
         grad = torch.empty_like(s2)
         for i in range(0, s2.shape[0], chunk):
             piece = slice(i, i + chunk)
-            rows[piece], grad[piece] = rows_and_grad(piece, s2[piece])
+            rows[piece], g = rows_and_grad(piece, s2[piece], grad[piece])
+            if g.data_ptr() != grad[piece].data_ptr():
+                grad[piece] = g
         # Kept on ctx, not saved for backward: backward hands over the only reference, so
         # autograd adopts the buffer as the student's .grad instead of copying it.
         ctx.grad, ctx.shape, ctx.chunk = grad, student.shape, chunk
@@ -186,7 +201,7 @@ def autograd_rows_and_grad(rows_fn):
     """A `rows_and_grad` for `chunked_rows` from a differentiable `rows_fn(piece, s_chunk)`:
     the chunk's rows and, by autograd, the gradient of their sum with respect to `s_chunk`."""
 
-    def rows_and_grad(piece, s):
+    def rows_and_grad(piece, s, out=None):  # `out` unused: chunked_rows copies the gradient
         with torch.enable_grad():
             leaf = s.detach().requires_grad_()
             rows = rows_fn(piece, leaf)
@@ -201,7 +216,8 @@ def chunked_rows(student: torch.Tensor, rows_fn, rows_and_grad, chunk_size: int)
 
     student: logits `[..., V]` (or a vocabulary shard); `rows_fn(piece, s_chunk)` gives the
     float32 rows of the flattened positions `piece` from their logits `s_chunk` `[c, V]`,
-    and `rows_and_grad(piece, s_chunk)` the rows with their gradient (weights 1). With a
+    and `rows_and_grad(piece, s_chunk, out)` the rows with their gradient (weights 1), written
+    into the student-sized `out` `[c, V]` where it can (else returned anew). With a
     gradient wanted, the gradient buffer is filled in the forward pass (`_ChunkedRows`);
     without, only the rows are computed. Backpropagate at most once."""
     if torch.is_grad_enabled() and student.requires_grad:
@@ -250,7 +266,7 @@ def chunked_per_position(
     return chunked_rows(
         student,
         lambda p, s: per_position(kind, s, t2[p], temperature, beta, group),
-        lambda p, s: _rows_and_grad(kind, s, t2[p], temperature, beta, None, group),
+        lambda p, s, out: _rows_and_grad(kind, s, t2[p], temperature, beta, None, group, out),
         chunk_size,
     )
 
