@@ -18,6 +18,7 @@ This is the only engine module that imports `distill_llm.recipes` and `distill_l
 import inspect
 import re
 import sys
+import time
 from pathlib import Path
 
 import fiddle as fdl
@@ -38,6 +39,7 @@ from distill_llm.kd.config import KDConfig
 from distill_llm.recipes import (  # noqa: F401
     RECIPES,
     data,
+    llama31_8b_prune_distill_4b,
     llama31_8b_to_llama32_1b,
     mixtral_8x7b_to_mistral_7b,
     models,
@@ -95,19 +97,65 @@ def launch(task, executor=None, name: str = "distill_llm", detach: bool = False)
     if executor is None:
         run.run(task, direct=True)
         return "SUCCEEDED"
+    return launch_chain([(name, task)], executor, name, detach)
+
+
+def launch_chain(tasks, executor, name: str, detach: bool = False, poll_s: float = 5.0) -> str:
+    """Run the (name, run.Partial) `tasks` as one NeMo-Run experiment, one after the other, and
+    return "SUCCEEDED" ("SUBMITTED" with `detach`). Raises JobFailed naming the first task that
+    did not succeed, with the experiment's log tail.
+
+    Locally NeMo-Run starts each task when the one before has ended. On Slurm all are submitted
+    at once, each held by an afterok dependency on the one before; a cluster without
+    `kill_invalid_depend` would keep the rest pending forever after a failure, so this follows
+    the jobs itself (every `poll_s` seconds) and cancels the rest when one fails."""
+    chained = len(tasks) > 1 and isinstance(executor, run.SlurmExecutor)
     with run.Experiment(name, executor=executor, log_level="WARN") as exp:
-        exp.add(task, name=name, tail_logs=not detach)
-        exp.run(detach=detach)
+        for task_name, task in tasks:
+            exp.add(task, name=task_name, tail_logs=not (detach or chained))
+        exp.run(sequential=True, detach=detach or chained)
+        if chained and not detach:
+            _follow_chain(exp, poll_s)
     # the experiment waits for its jobs when its `with` block closes
     if detach:
         return "SUBMITTED"
-    job = exp.jobs[0]
-    state = getattr(job.state, "name", str(job.state))
-    if state != "SUCCEEDED":
-        raise JobFailed(
-            f"job {name} ended {state} (experiment {exp._exp_dir})\n{_log_tail(exp._exp_dir)}"
-        )
-    return state
+    for job in exp.jobs:
+        state = getattr(job.state, "name", str(job.state))
+        if state != "SUCCEEDED":
+            raise JobFailed(
+                f"job {job.id} ended {state} (experiment {exp._exp_dir})\n{_log_tail(exp._exp_dir)}"
+            )
+    return "SUCCEEDED"
+
+
+def _follow_chain(exp, poll_s: float, unknown_limit: int = 24) -> None:
+    """Wait for `exp`'s jobs in order; when one ends other than SUCCEEDED, cancel the ones after
+    it (pending on its afterok) and raise JobFailed. A status Slurm cannot report for
+    `unknown_limit` polls in a row (no accounting once a job has left the queue) counts as
+    failed."""
+    from torchx.specs import AppState, is_terminal
+
+    for i, job in enumerate(exp.jobs):
+        unknown, last = 0, None
+        while True:
+            state = job.status(exp._runner)
+            if state != last:
+                print(f"[{time.strftime('%H:%M:%S')}] job {job.id}: {state.name}", flush=True)
+                last = state
+            unknown = unknown + 1 if state == AppState.UNKNOWN else 0
+            if is_terminal(state) or unknown >= unknown_limit:
+                break
+            time.sleep(poll_s)
+        job.state = state
+        if state != AppState.SUCCEEDED:
+            rest = [later.id for later in exp.jobs[i + 1 :]]
+            for later in rest:
+                exp.cancel(later)
+            cancelled = f"; cancelled {', '.join(rest)}" if rest else ""
+            raise JobFailed(
+                f"job {job.id} ended {state.name}{cancelled} (experiment {exp._exp_dir})\n"
+                f"{_log_tail(exp._exp_dir)}"
+            )
 
 
 def _world_size(executor) -> int:

@@ -1,6 +1,7 @@
 """The quickstart: on a CPU, in minutes, with nothing downloaded, pretrain a small teacher,
 distil a student several times smaller, train the same student from scratch on the same data
-and budget (the baseline), and compare them.
+and budget (the baseline), prune the teacher to the student's shape and distil that (Minitron's
+prune-then-distil), and compare them.
 
     make quickstart                      # = .venv/bin/python -m distill_llm.quickstart
     python -m distill_llm.quickstart --output-dir runs/quickstart --seeds 1234 4321
@@ -12,7 +13,9 @@ local executor, torchrun with 2 processes):
  2. a byte-level BPE tokenizer trained on the train split; both splits preprocessed into one
     indexed dataset (train documents first, the split string cuts exactly between them);
  3. teacher pretraining; 4. KD of the student; 5. the baseline student (`pretrain`);
- 6. held-out LM loss, perplexity and KL to the teacher of all three; a table,
+ 6. the teacher pruned to the student's shape (`prune`, calibrated on the first training
+    batches), then distilled exactly as the KD student (same steps, data, batch and loss);
+ 7. held-out LM loss, perplexity and KL to the teacher of all four; a table,
     `results.json` and `loss_curves.png`.
 A second run reuses the corpus, tokenizer, data and teacher while their settings match.
 """
@@ -76,6 +79,7 @@ class QuickstartConfig:
     temperature: float = 1.0
     devices: int = 2  # torchrun processes (data parallel)
     seeds: List[int] = field(default_factory=lambda: [1234])
+    calibration_batches: int = 16  # global batches pruning scores importance on
 
 
 def small() -> QuickstartConfig:
@@ -87,8 +91,20 @@ def small() -> QuickstartConfig:
         student=ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64,
                             num_attention_heads=4, num_query_groups=2),
         teacher_steps=6, student_steps=4, micro_batch_size=2, global_batch_size=4,
-        val_every=2, teacher_val_every=3, val_batches=1,
+        val_every=2, teacher_val_every=3, val_batches=1, calibration_batches=2,
     )  # fmt: skip
+
+
+def pruned_shape(teacher: ModelConfig, student: ModelConfig) -> dict:
+    """The prune target for `student`'s shape: its depth and widths; attention with as many of
+    the teacher's heads (pruning keeps their width) as give the student's query and key/value
+    channels (at least one), so the pruned student's parameters stay close to the others'."""
+    width = teacher.hidden_size // teacher.num_attention_heads
+    own = student.hidden_size // student.num_attention_heads
+    groups = max(1, student.num_query_groups * own // width)
+    heads = max(groups, student.num_attention_heads * own // width // groups * groups)
+    shape = {k: getattr(student, k) for k in SHAPE}
+    return {**shape, "num_attention_heads": heads, "num_query_groups": groups}
 
 
 def _say(msg: str) -> None:
@@ -193,7 +209,9 @@ def _configs(cfg: QuickstartConfig, info: dict, seed: int) -> dict:
     )  # fmt: skip
 
 
-MODELS = ("teacher", "kd_student", "baseline_student")
+MODELS = ("teacher", "kd_student", "baseline_student", "pruned_kd_student")
+STUDENTS = ("kd_student", "baseline_student", "pruned_kd_student")
+SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
 
 def evaluate_models(
@@ -227,8 +245,9 @@ def _plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seeds = results.get("seeds") or [results]
     for key, label, color in (
-        ("kd_student", "KD student", "tab:blue"),
+        ("kd_student", "KD student (random start)", "tab:blue"),
         ("baseline_student", "baseline student (no teacher)", "tab:orange"),
+        ("pruned_kd_student", "pruned teacher + KD", "tab:green"),
     ):
         for i, run in enumerate(seeds):  # the first seed bold, any others faint
             steps, losses = zip(*run[key]["curve"])
@@ -264,7 +283,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # NeMo-Run (and the CLI module built on it) is heavy to import: `--help` stays quick
     import nemo_run as run
 
-    from distill_llm.cli import JobFailed, _log_tail
+    from distill_llm.cli import launch_chain
 
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -302,7 +321,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                 optim=c["optim"](cfg.teacher_lr, cfg.teacher_steps),
                 parallel=c["parallel"], output_dir=str(teacher_dir),
             )))  # fmt: skip
-        for name in ("kd_student", "baseline_student"):
+        for name in (*STUDENTS, "pruned"):
             shutil.rmtree(out / tag / name, ignore_errors=True)
         tasks.append(("kd_student", run.Partial(
             api.distill, teacher=str(teacher_dir / "final"), student=c["student"],
@@ -317,42 +336,57 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             optim=c["optim"](cfg.student_lr, cfg.student_steps),
             parallel=c["parallel"], output_dir=str(out / tag / "baseline_student"),
         )))  # fmt: skip
+        # Minitron: the teacher cut to the student's shape, calibrated on the first batches the
+        # students train on, then distilled with the KD student's settings
+        tasks.append(("pruned", run.Partial(
+            api.prune, teacher=str(teacher_dir / "final"), output_dir=str(out / tag / "pruned"),
+            target=pruned_shape(cfg.teacher, cfg.student), data=c["data"],
+            train=c["train"](cfg.student_steps), calibration_batches=cfg.calibration_batches,
+            parallel=c["parallel"],
+        )))  # fmt: skip
+        tasks.append(("pruned_kd_student", run.Partial(
+            api.distill, teacher=str(teacher_dir / "final"),
+            student_checkpoint=str(out / tag / "pruned"),
+            kd=KDConfig(temperature=cfg.temperature, skip_lm_loss=True), data=c["data"],
+            train=c["train"](cfg.student_steps),
+            optim=c["optim"](cfg.student_lr, cfg.student_steps),
+            parallel=c["parallel"], output_dir=str(out / tag / "pruned_kd_student"),
+        )))  # fmt: skip
         _say(f"{tag}: running {', '.join(n for n, _ in tasks)} (torchrun x {cfg.devices})")
         started = time.time()
-        with run.Experiment(f"quickstart_{tag}", executor=executor, log_level="WARN") as exp:
-            for name, task in tasks:
-                exp.add(task, name=name, tail_logs=True)
-            exp.run(sequential=True)
-        for job in exp.jobs:
-            state = getattr(job.state, "name", str(job.state))
-            if state != "SUCCEEDED":
-                raise JobFailed(
-                    f"quickstart task {job.id} ended {state}\n{_log_tail(exp._exp_dir)}"
-                )
+        launch_chain(tasks, executor, f"quickstart_{tag}")
         (teacher_dir / "quickstart.json").write_text(json.dumps(teacher_settings))
         # Wall time per task (start-up included): tasks run one after another, so each ends
         # when its final checkpoint is written and starts when the one before ended.
         previous = started
         for name, _ in tasks:
-            end = (out / tag / name / "final" / "distill_llm.json").stat().st_mtime
+            final = out / tag / name / ("" if name == "pruned" else "final")
+            end = (final / "distill_llm.json").stat().st_mtime
             stage_s[f"{tag}/{name}"] = round(end - previous, 1)
             previous = end
         # In this process: a third torchrun launch would cost more than the evaluation itself.
-        _say(f"{tag}: evaluating the teacher and both students on the validation split")
+        _say(f"{tag}: evaluating the teacher and the students on the validation split")
         t_eval = time.perf_counter()
         evals = evaluate_models(
             str(teacher_dir / "final"), {n: str(out / tag / n / "final") for n in MODELS},
             data=c["data"], train=c["train"](1), output_file=str(out / tag / "evaluation.json"),
         )  # fmt: skip
         stage_s[f"{tag}/evaluate"] = round(time.perf_counter() - t_eval, 1)
-        for name in ("kd_student", "baseline_student"):
+        for name in STUDENTS:
             evals[name]["curve"] = _curve(out / tag / name)
         base_final = evals["baseline_student"]["val_loss"]
         reached = _first_reaching(evals["kd_student"]["curve"], base_final)
+        pruned_reached = _first_reaching(evals["pruned_kd_student"]["curve"], base_final)
+        pruned = json.loads((out / tag / "pruned" / "prune.json").read_text())
         per_seed.append({
             "seed": seed, **evals, "baseline_final_val_loss": base_final,
             "kd_step_reaching_baseline_final": reached,
             "speedup": (cfg.student_steps / reached) if reached else None,
+            # step 0 of its curve: validated before any optimizer step
+            "pruned_val_loss_before_training": evals["pruned_kd_student"]["curve"][0][1],
+            "pruned_kept_layers": pruned.get("kept", {}).get("layers"),
+            "pruned_kd_step_reaching_baseline_final": pruned_reached,
+            "pruned_speedup": (cfg.student_steps / pruned_reached) if pruned_reached else None,
         })  # fmt: skip
     stage_s["total"] = round(time.perf_counter() - t0, 1)
     stage_s["data"] = round(stage_s["data"], 1)
@@ -362,13 +396,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "teacher": first["teacher"],
         "kd_student": first["kd_student"],
         "baseline_student": first["baseline_student"],
+        "pruned_kd_student": first["pruned_kd_student"],
         "steps": cfg.student_steps,
         "teacher_steps": cfg.teacher_steps,
         "tokens": cfg.student_steps * cfg.global_batch_size * cfg.seq_length,
         "seeds": per_seed,
         "stage_seconds": stage_s,
     }
-    for key in ("baseline_final_val_loss", "kd_step_reaching_baseline_final", "speedup"):
+    for key in (
+        "baseline_final_val_loss", "kd_step_reaching_baseline_final", "speedup",
+        "pruned_val_loss_before_training", "pruned_kd_step_reaching_baseline_final",
+        "pruned_speedup",
+    ):  # fmt: skip
         results[key] = first[key]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plot(results, out / "loss_curves.png")
@@ -382,7 +421,7 @@ def format_table(results: dict) -> str:
     """The printed summary of `results`: params, val loss, ppl and KL to the teacher per model,
     when the KD student reached the baseline's final loss, and per-seed losses for several seeds."""
     rows = [f"{'model':<18}{'params':>10}{'val loss':>10}{'ppl':>10}{'KL to teacher':>15}"]
-    for key in ("teacher", "kd_student", "baseline_student"):
+    for key in MODELS:
         r = results[key]
         kl = r["kl_to_teacher"]
         kl = 0.0 if abs(kl) < 1e-6 else kl  # the teacher's own KL rounds to +-1e-9
@@ -399,15 +438,30 @@ def format_table(results: dict) -> str:
         )
     else:
         rows.append("KD student did not reach the baseline's final val loss")
+    if "pruned_kd_student" in results:
+        rows.append(
+            f"pruned student before training: val loss "
+            f"{results['pruned_val_loss_before_training']:.4f}; pruned+KD "
+            + (
+                f"reached the baseline's final val loss at step "
+                f"{results['pruned_kd_step_reaching_baseline_final']} "
+                f"({results['pruned_speedup']:.2f}x fewer steps)"
+                if results.get("pruned_kd_step_reaching_baseline_final")
+                else "did not reach the baseline's final val loss"
+            )
+        )
     if len(results.get("seeds", [])) > 1:
         rows.append(
-            f"{'seed':<8}{'teacher':>10}{'KD student':>12}{'baseline':>10}{'KD reached at':>15}"
+            f"{'seed':<8}{'teacher':>10}{'KD student':>12}{'baseline':>10}{'pruned+KD':>11}"
+            f"{'KD reached at':>15}{'pruned+KD at':>14}"
         )
         for r in results["seeds"]:
             rows.append(
                 f"{r['seed']:<8}{r['teacher']['val_loss']:>10.4f}{r['kd_student']['val_loss']:>12.4f}"
                 f"{r['baseline_student']['val_loss']:>10.4f}"
+                f"{r['pruned_kd_student']['val_loss']:>11.4f}"
                 f"{str(r['kd_step_reaching_baseline_final'] or 'never'):>15}"
+                f"{str(r['pruned_kd_step_reaching_baseline_final'] or 'never'):>14}"
             )
     return "\n".join(rows)
 

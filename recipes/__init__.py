@@ -10,7 +10,9 @@
   `nemo_to_nemo` (NeMo teacher and student files in, a NeMo file out); MoE teachers into dense
   students: `tiny_moe` (its module also holds the `tiny_moe_teacher` pretrain recipe),
   `qwen3_30b_a3b_to_qwen3_4b`, `mixtral_8x7b_to_mistral_7b`; a student pruned from the tiny
-  teacher (`run.Partial` of `prune`): `tiny_prune`.
+  teacher (`run.Partial` of `prune`): `tiny_prune`; Minitron's prune-then-distil of Llama 3.1
+  8B to 4B-Width, two tasks of one experiment (`tasks()`, `launch()`, or `python -m`):
+  `llama31_8b_prune_distill_4b` (its `recipe` is the distill task, `prune_recipe` the other).
 
 Factories only build configs: no training, no I/O at import.
 """
@@ -26,4 +28,5 @@ RECIPES = (
     "qwen3_30b_a3b_to_qwen3_4b",
     "mixtral_8x7b_to_mistral_7b",
     "tiny_prune",
+    "llama31_8b_prune_distill_4b",
 )

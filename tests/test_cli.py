@@ -85,7 +85,8 @@ def test_every_recipe_builds_a_consistent_config(name):
         teacher = fdl.build(module.teacher_model())
         checks.check_compatible(student, teacher, par, train.seq_length)
         assert teacher.vocab_size == student.vocab_size
-        assert teacher.num_parameters() > 2 * student.num_parameters()
+        # Minitron 4B-Width is the largest student: 8.03B / 4.51B = 1.78
+        assert teacher.num_parameters() > 1.5 * student.num_parameters()
 
 
 def _nemo(args, cwd, home, timeout=600, env_extra=None):
@@ -493,3 +494,46 @@ def test_nemo_files_through_the_cli(git_repo, tmp_path):
                  "--yes"], git_repo, tmp_path / "home")  # fmt: skip
     assert bad.returncode == 2 and "drop the .nemo suffix" in bad.stderr
     assert not (tmp_path / "x.nemo").exists()
+
+
+def test_minitron_recipe_chains_prune_into_distill(git_repo, tmp_path):
+    """The Llama 3.1 8B -> Minitron 4B-Width recipe: the prune target is the published 4.51B
+    shape, the distill task starts from what the prune task writes, and a Slurm dry run of
+    the two-task experiment writes both job scripts."""
+    from distill_llm.recipes import llama31_8b_prune_distill_4b as r
+
+    teacher = fdl.build(r.teacher_model())
+    target = fdl.build(r.prune_recipe()).keywords["target"]
+    shape = prune_shape.resolve(teacher, target, 2)
+    assert shape == fdl.build(r.student_model())
+    assert shape.num_parameters() / 1e9 == pytest.approx(4.51, abs=0.005)
+    (prune_name, prune_task), (distill_name, distill_task) = r.tasks(
+        "/ckpt/llama31_8b", str(tmp_path / "m4b"), steps=10, data_paths=[1.0, "/d/text"]
+    )
+    prune_args, distill_args = fdl.build(prune_task).keywords, fdl.build(distill_task).keywords
+    assert (prune_name, distill_name) == ("prune", "distill")
+    assert prune_args["output_dir"] == distill_args["student_checkpoint"]
+    assert prune_args["data"] == distill_args["data"] and distill_args["data"].paths[1] == "/d/text"
+    assert prune_args["train"].seq_length == distill_args["train"].seq_length == 4096
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(NEMORUN_HOME=str(tmp_path / "home"), PYTHONWARNINGS="ignore")
+    module = "distill_llm.recipes.llama31_8b_prune_distill_4b"
+    args = ["--teacher", "/ckpt/llama31_8b", "--executor", "slurm", "--account", "acc"]
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args, "--dryrun"],
+        cwd=git_repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    scripts = sorted((tmp_path / "home").rglob("*_sbatch.sh"))
+    assert len(scripts) == 2, out.stdout[-2000:]
+    texts = "\n".join(p.read_text() for p in scripts)
+    assert "distill_llm.api:prune" in texts or "prune" in texts
+    assert "llama31_8b_prune_distill_4b: DRYRUN" in out.stdout
+    # a bad value is one line, before anything is written
+    bad = subprocess.run(
+        [sys.executable, "-m", module, "--teacher", "/ckpt/x", "--steps", "0", "--dryrun"],
+        cwd=git_repo, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+    assert len(bad.stderr.strip().splitlines()) == 1
