@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/worker.py spec.json
 
 Ops: init_model, distill, pretrain, export_nemo, logits (gathered full-vocab logits of a
-checkpoint for fixed tokens at op's tensor_parallel / expert_parallel, saved by rank 0),
+checkpoint for fixed random tokens, or op's saved `tokens`, at op's tensor_parallel /
+expert_parallel, saved by rank 0),
 weights (a checkpoint's tensors at TP=1), attention_paths (one model's logits with SDPA and
 with megatron's unfused attention).
 `kill` simulates a crash: {"after_save": N} SIGKILLs the process right after the N-th training
@@ -84,9 +85,12 @@ def _logits(op: dict) -> None:
     model = build_gpt(cfg, tensor_parallel=tp)
     paths.load_model(op["checkpoint"], model, cfg, role="model")
     model.eval()
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
-    positions = torch.arange(16).expand(2, 16)
+    if op.get("tokens"):  # a saved [b, s] tensor of token ids, e.g. real text
+        tokens = torch.load(op["tokens"])
+    else:
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         logits = model(tokens, positions, None)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:

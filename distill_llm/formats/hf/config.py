@@ -42,6 +42,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",  # the chat template, where transformers 5.x saves it
 )
 HF_META_KEY = "hf"  # key in distill_llm.json recording the HF source of an imported checkpoint
 INDEX_FILE = "model.safetensors.index.json"
