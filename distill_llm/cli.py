@@ -101,7 +101,8 @@ def launch(task, executor=None, name: str = "distill_llm", detach: bool = False)
 
 
 def launch_chain(tasks, executor, name: str, detach: bool = False, poll_s: float = 5.0) -> str:
-    """Run the (name, run.Partial) `tasks` as one NeMo-Run experiment, one after the other, and
+    """Run the (name, run.Partial[, executor]) `tasks` as one NeMo-Run experiment (a task's own
+    executor, else `executor`), one after the other, and
     return "SUCCEEDED" ("SUBMITTED" with `detach`). Raises JobFailed naming the first task that
     did not succeed, with the experiment's log tail.
 
@@ -111,8 +112,9 @@ def launch_chain(tasks, executor, name: str, detach: bool = False, poll_s: float
     the jobs itself (every `poll_s` seconds) and cancels the rest when one fails."""
     chained = len(tasks) > 1 and isinstance(executor, run.SlurmExecutor)
     with run.Experiment(name, executor=executor, log_level="WARN") as exp:
-        for task_name, task in tasks:
-            exp.add(task, name=task_name, tail_logs=not (detach or chained))
+        for task_name, task, *own in tasks:  # (name, task) or (name, task, its own executor)
+            exp.add(task, executor=own[0] if own else None, name=task_name,
+                    tail_logs=not (detach or chained))  # fmt: skip
         exp.run(sequential=True, detach=detach or chained)
         if chained and not detach:
             _follow_chain(exp, poll_s)
