@@ -197,8 +197,11 @@ def test_fused_equals_plain(kind, temperature):
             # The fused path forms the logits chunk by chunk (another summation order than the
             # plain matmul), so they differ by float32 rounding d; the softmax sees d / T, and
             # the gradients differ by that relative amount: 1e-5 of the largest entry at T >= 1,
-            # scaled by 1/T below. (TVD's teacher is kept off its |.| kinks, see above.)
-            rtol = 1e-5 * max(1.0, 1.0 / temperature)
+            # scaled by 1/T below. (TVD's teacher is kept off its |.| kinks, see above.) TVD's
+            # gradient p_s (sign - <sign>_{p_s}) / T subtracts a vocabulary mean from each entry,
+            # which doubles the rounding in its smallest entries: measured 1.07x the plain bound
+            # on one x86 machine at T=0.5, so TVD gets 2x.
+            rtol = 1e-5 * max(1.0, 1.0 / temperature) * (2 if kind == "tvd" else 1)
             _close(hf.grad, 2.5 * h.grad, rtol)
             _close(wf.grad, 2.5 * w.grad, rtol)
             if mask is not None:  # masked positions' hidden states get no gradient
