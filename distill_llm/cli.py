@@ -222,9 +222,12 @@ def preflight(task, executor) -> None:
 
 def dryrun(task, executor, name: str) -> str:
     """Write what the executor would submit (for Slurm, the sbatch script) without submitting;
-    returns the experiment directory."""
+    returns the experiment directory. `task`: a run.Partial, or (name, run.Partial) tasks of
+    one experiment as `launch_chain` takes them."""
+    tasks = task if isinstance(task, list) else [(name, task)]
     with run.Experiment(name, executor=executor, log_level="WARN") as exp:
-        exp.add(task, name=name)
+        for task_name, one, *own in tasks:
+            exp.add(one, executor=own[0] if own else None, name=task_name)
         exp.dryrun(delete_exp_dir=False)
     for script in sorted(Path(exp._exp_dir).glob("*_sbatch.sh")):
         print(f"--- {script} ---\n{script.read_text()}")

@@ -48,9 +48,9 @@ from typing import Dict, List, Optional
 from distill_llm import api
 from distill_llm.data.datasets import DataConfig
 from distill_llm.engine.parallel import ParallelConfig
-from distill_llm.engine.run_dir import read_metrics
 from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.kd.config import KDConfig
+from distill_llm.quickstart import first_reaching, reached_line, stamp_ok, val_curve
 
 PROMPTS = (
     "What is a Python decorator? Answer in one sentence.",
@@ -129,7 +129,7 @@ def prepare_data(cfg: ExampleConfig, tokenizer: str) -> dict:
     settings = {"python": sys.version.split()[0], "valid_fraction": cfg.valid_fraction,
                 "tokenizer": str(tokenizer)}  # fmt: skip
     stamp, prefix = root / "settings.json", root / "pydoc"
-    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+    if stamp_ok(stamp, settings):
         info = json.loads((root / "info.json").read_text())
         _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid documents)")
         return info
@@ -260,14 +260,6 @@ def greedy_continuations(hf_dir: str, prompts: List[str], max_new_tokens: int) -
 
 
 # -- the run ------------------------------------------------------------------------------------
-def _curve(run_dir: Path) -> list:
-    return [[e["step"], e["val_lm_loss"]] for e in read_metrics(run_dir, "valid")]
-
-
-def _first_reaching(curve: list, level: float):
-    return next((step for step, loss in curve if loss <= level), None)
-
-
 def run_example(cfg: ExampleConfig) -> dict:
     """Every stage, then results.json, loss_curves.png and report.md under `cfg.output_dir`."""
     import nemo_run as run  # heavy: `--help` stays quick
@@ -362,9 +354,9 @@ def run_example(cfg: ExampleConfig) -> dict:
 def summarize(cfg: ExampleConfig, info: dict, evaluation: dict, out: Path) -> dict:
     """results.json's content from the evaluation and the two students' curves."""
     ev = evaluation["evaluation"]
-    curves = {name: _curve(out / name) for name in ("kd_student", "baseline_student")}
+    curves = {name: val_curve(out / name) for name in ("kd_student", "baseline_student")}
     base_final = ev["baseline_student"]["val_loss"]
-    reached = _first_reaching(curves["kd_student"], base_final)
+    reached = first_reaching(curves["kd_student"], base_final)
     ours, theirs = ev["teacher"]["val_loss"], evaluation["teacher_transformers_val_loss"]
     results = {
         "teacher": {**ev["teacher"], "name": "SmolLM2-135M-Instruct (Q4_1, dequantized)"},
@@ -424,15 +416,7 @@ def format_table(results: dict) -> str:
         kl = 0.0 if abs(r["kl_to_teacher"]) < 1e-6 else r["kl_to_teacher"]
         rows.append(f"{key:<18}{r['params'] / 1e6:>9.1f}M{r['val_loss']:>10.4f}"
                     f"{r['val_ppl']:>10.4g}{kl:>15.4f}")  # fmt: skip
-    if results["kd_step_reaching_baseline_final"]:
-        rows.append(
-            f"KD student reached the baseline's final val loss "
-            f"({results['baseline_final_val_loss']:.4f}) at step "
-            f"{results['kd_step_reaching_baseline_final']} of {results['steps']} "
-            f"({results['speedup']:.2f}x fewer steps)"
-        )
-    else:
-        rows.append("KD student did not reach the baseline's final val loss")
+    rows.append(reached_line(results))
     rows.append(f"teacher perplexity, ours vs transformers on the same tokens: relative "
                 f"difference {results['teacher_ppl_relative_difference']:.2e}")  # fmt: skip
     return "\n".join(rows)

@@ -111,7 +111,8 @@ def _say(msg: str) -> None:
     print(f"[quickstart {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _stamp_ok(path: Path, settings: dict) -> bool:
+def stamp_ok(path: Path, settings: dict) -> bool:
+    """True when the JSON stamp at `path` records exactly `settings` (a reusable stage)."""
     return path.is_file() and json.loads(path.read_text()) == settings
 
 
@@ -155,7 +156,7 @@ def prepare_data(cfg: QuickstartConfig) -> dict:
     }
     stamp = root / "settings.json"
     prefix = root / "stdlib"
-    if _stamp_ok(stamp, settings) and Path(f"{prefix}.idx").is_file():
+    if stamp_ok(stamp, settings) and Path(f"{prefix}.idx").is_file():
         info = json.loads((root / "info.json").read_text())
         _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid files)")
         return info
@@ -232,7 +233,8 @@ def evaluate_models(
     return results
 
 
-def _curve(run_dir: Path) -> list:
+def val_curve(run_dir: Path) -> list:
+    """[step, validation LM loss] of every validation in a run directory's metrics."""
     return [[e["step"], e["val_lm_loss"]] for e in read_metrics(run_dir, "valid")]
 
 
@@ -274,7 +276,8 @@ def _plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _first_reaching(curve: list, level: float):
+def first_reaching(curve: list, level: float):
+    """The first step of `curve` whose loss is at most `level`, or None."""
     return next((step for step, loss in curve if loss <= level), None)
 
 
@@ -309,7 +312,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         }
         tasks = []
         if (
-            _stamp_ok(teacher_dir / "quickstart.json", teacher_settings)
+            stamp_ok(teacher_dir / "quickstart.json", teacher_settings)
             and (teacher_dir / "final/distill_llm.json").is_file()
         ):
             _say(f"{tag}: reusing the teacher in {teacher_dir}")
@@ -373,10 +376,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         )  # fmt: skip
         stage_s[f"{tag}/evaluate"] = round(time.perf_counter() - t_eval, 1)
         for name in STUDENTS:
-            evals[name]["curve"] = _curve(out / tag / name)
+            evals[name]["curve"] = val_curve(out / tag / name)
         base_final = evals["baseline_student"]["val_loss"]
-        reached = _first_reaching(evals["kd_student"]["curve"], base_final)
-        pruned_reached = _first_reaching(evals["pruned_kd_student"]["curve"], base_final)
+        reached = first_reaching(evals["kd_student"]["curve"], base_final)
+        pruned_reached = first_reaching(evals["pruned_kd_student"]["curve"], base_final)
         pruned = json.loads((out / tag / "pruned" / "prune.json").read_text())
         per_seed.append({
             "seed": seed, **evals, "baseline_final_val_loss": base_final,
@@ -417,6 +420,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     return results
 
 
+def reached_line(results: dict) -> str:
+    """When the KD student reached the baseline's final validation loss, in one sentence."""
+    if not results.get("kd_step_reaching_baseline_final"):
+        return "KD student did not reach the baseline's final val loss"
+    return (
+        f"KD student reached the baseline's final val loss "
+        f"({results['baseline_final_val_loss']:.4f}) at step "
+        f"{results['kd_step_reaching_baseline_final']} of {results['steps']} "
+        f"({results['speedup']:.2f}x fewer steps)"
+    )
+
+
 def format_table(results: dict) -> str:
     """The printed summary of `results`: params, val loss, ppl and KL to the teacher per model,
     when the KD student reached the baseline's final loss, and per-seed losses for several seeds."""
@@ -429,15 +444,7 @@ def format_table(results: dict) -> str:
             f"{key:<18}{r['params'] / 1e6:>9.2f}M{r['val_loss']:>10.4f}{r['val_ppl']:>10.2f}"
             f"{kl:>15.4f}"
         )
-    if results.get("kd_step_reaching_baseline_final"):
-        rows.append(
-            f"KD student reached the baseline's final val loss "
-            f"({results['baseline_final_val_loss']:.4f}) at step "
-            f"{results['kd_step_reaching_baseline_final']} of {results['steps']} "
-            f"({results['speedup']:.2f}x fewer steps)"
-        )
-    else:
-        rows.append("KD student did not reach the baseline's final val loss")
+    rows.append(reached_line(results))
     if "pruned_kd_student" in results:
         rows.append(
             f"pruned student before training: val loss "

@@ -139,12 +139,7 @@ def launch(named_tasks, executor, name: str = NAME, dryrun: bool = False, detach
     for _, task in named_tasks:
         cli.preflight(task, executor)
     if dryrun:
-        with run.Experiment(name, executor=executor, log_level="WARN") as exp:
-            for task_name, task in named_tasks:
-                exp.add(task, name=task_name)
-            exp.dryrun(delete_exp_dir=False)
-        for script in sorted(Path(exp._exp_dir).glob("*_sbatch.sh")):
-            print(f"--- {script} ---\n{script.read_text()}")
+        cli.dryrun(list(named_tasks), executor, name)
         return "DRYRUN"
     return cli.launch_chain(named_tasks, executor, name, detach)
 

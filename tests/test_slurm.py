@@ -14,30 +14,10 @@ import slurm_cluster
 
 from distill_llm.recipes import models
 
-SUBMIT = """
+# Both scripts: argv (teacher, out_dir, partition, PATH) and a 2-node x 1-process CPU executor
+PRELUDE = """
 import json, sys
-from distill_llm.cli import JobFailed, launch
-from distill_llm.executors import slurm
-from distill_llm.recipes import tiny
-import fiddle as fdl
-
-teacher, out_dir, partition, path = sys.argv[1:5]
-executor = fdl.build(slurm(
-    account="distill_llm", partition=partition, nodes=2, gpus_per_node=0, tasks_per_node=1,
-    time="00:15:00", container_image=None, packager="none", exclusive=False,
-    env_vars={"PATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-))
-recipe = tiny.recipe(teacher=teacher, output_dir=out_dir, steps=4)
-try:
-    state, error = launch(recipe, executor, name="distill"), ""
-except JobFailed as err:
-    state, error = "FAILED", str(err)
-print(json.dumps({"state": state, "error": error}))
-"""
-
-CHAIN = """
-import json, sys
-from distill_llm.cli import JobFailed, launch_chain
+from distill_llm.cli import JobFailed, launch, launch_chain
 from distill_llm.executors import slurm
 from distill_llm.recipes import tiny, tiny_prune
 import fiddle as fdl
@@ -48,6 +28,23 @@ executor = fdl.build(slurm(
     time="00:15:00", container_image=None, packager="none", exclusive=False,
     env_vars={"PATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
 ))
+"""
+
+SUBMIT = (
+    PRELUDE
+    + """
+recipe = tiny.recipe(teacher=teacher, output_dir=out_dir, steps=4)
+try:
+    state, error = launch(recipe, executor, name="distill"), ""
+except JobFailed as err:
+    state, error = "FAILED", str(err)
+print(json.dumps({"state": state, "error": error}))
+"""
+)
+
+CHAIN = (
+    PRELUDE
+    + """
 pruned = out_dir + "/pruned"
 first = tiny_prune.recipe(teacher=teacher, output_dir=pruned, calibration_batches=2)
 second = tiny.recipe(teacher=teacher, output_dir=out_dir + "/distill", steps=2)
@@ -58,6 +55,7 @@ except JobFailed as err:
     state, error = "FAILED", str(err)
 print(json.dumps({"state": state, "error": error}))
 """
+)
 
 
 @pytest.fixture(scope="module")
