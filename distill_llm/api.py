@@ -365,6 +365,7 @@ def prune(
     calibration_batches: int = 16,
     depth_method: str = "lm_loss",
     parallel: Optional[ParallelConfig] = None,
+    rescale_norms: bool = True,
 ) -> dict:
     """Cut a smaller model out of `teacher` (Minitron-style structured pruning) and write it to
     `output_dir` as a checkpoint that `distill(student_checkpoint=...)`, `export_hf` and every
@@ -379,6 +380,10 @@ def prune(
     `depth_method` ("lm_loss": the LM loss without the layer; "block_importance": 1 - cosine
     of a layer's input and output). The highest-scored layers, hidden channels, query groups,
     heads and FFN neurons are kept, in the teacher's order (`prune.plan`, `prune.slicing`).
+    With fewer hidden channels and `rescale_norms` (our addition to Minitron), each kept
+    RMSNorm's weight is multiplied by the calibration ratio of its input's root mean square over
+    the kept channels to that over all (`prune.plan.norm_scales`), so the pruned model's
+    normalised activations keep the teacher's scale (quickstart: 0.09 nats lower start loss).
 
     Tensor and data parallel as in `distill` (the importance is gathered over TP ranks and
     summed over DP ranks: the result is the TP=1 result); pipeline parallel and mixture-of-
@@ -390,7 +395,7 @@ def prune(
     teacher_cfg, student_cfg, data, source, dp_size = checks.check_prune(
         teacher, output_dir, target=target, data=data, train=train, parallel=parallel,
         calibration_batches=calibration_batches, depth_method=depth_method,
-        world_size=dist.world_size_from_env(),
+        world_size=dist.world_size_from_env(), rescale_norms=rescale_norms,
     )  # fmt: skip
     out = Path(output_dir)
     scratch = out.with_name(f".{out.name}.calibration")  # megatron's data index caches
@@ -409,7 +414,7 @@ def prune(
         )
         dropped = student_cfg.num_layers < teacher_cfg.num_layers
         scores = importance.collect(model, teacher_cfg, batches, depth_method, dropped)
-        kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method)]
+        kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method, rescale_norms)]
         if torch.distributed.get_world_size() > 1:  # one decision, whatever the float noise
             torch.distributed.broadcast_object_list(kept, src=0)
         student = _build(student_cfg, parallel, None, "student")

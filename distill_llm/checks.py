@@ -400,6 +400,7 @@ def check_prune(
     depth_method: str,
     world_size: int,
     local_files: bool = True,
+    rescale_norms: bool = True,
 ):
     """Every refusal `prune` makes before it starts; returns (teacher architecture, pruned
     architecture, data config with its tokenizer defaulted, checked data blend, data-parallel
@@ -416,6 +417,8 @@ def check_prune(
         isinstance(calibration_batches, int) and calibration_batches >= 1
     ):
         raise ConfigError(f"calibration_batches must be at least 1, got {calibration_batches!r}")
+    if not isinstance(rescale_norms, bool):
+        raise ConfigError(f"rescale_norms must be True or False, got {rescale_norms!r}")
     if output_dir and Path(output_dir).exists():
         raise ConfigError(f"output_dir {output_dir} exists; choose a new directory")
     if not _visible(teacher, local_files):

@@ -195,7 +195,7 @@ def preflight(task, executor) -> None:
             parallel=given["parallel"] or ParallelConfig(),
             calibration_batches=given["calibration_batches"],
             depth_method=given["depth_method"], world_size=_world_size(executor),
-            local_files=False,
+            local_files=False, rescale_norms=given["rescale_norms"],
         )  # fmt: skip
         return
     common = {

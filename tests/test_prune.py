@@ -181,16 +181,17 @@ def _hf_sliced(teacher, kept: dict) -> dict:
     def rows(units):
         return torch.tensor([u * d + c for u in units for c in range(d)])
 
+    scales = kept["norm_scales"] or [1.0] * (2 * len(kept["layers"]) + 1)
     out = {"model.embed_tokens.weight": full["model.embed_tokens.weight"][:, hid],
-           "model.norm.weight": full["model.norm.weight"][hid]}  # fmt: skip
+           "model.norm.weight": full["model.norm.weight"][hid] * scales[-1]}  # fmt: skip
     if "lm_head.weight" in full:
         out["lm_head.weight"] = full["lm_head.weight"][:, hid]
     for j, i in enumerate(kept["layers"]):
         t, s = f"model.layers.{i}.", f"model.layers.{j}."
         q, kv = rows(kept["heads"][j]), rows(kept["query_groups"][j])
         ffn = torch.tensor(kept["ffn"][j])
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[f"{s}{norm}.weight"] = full[f"{t}{norm}.weight"][hid]
+        for k, norm in enumerate(("input_layernorm", "post_attention_layernorm")):
+            out[f"{s}{norm}.weight"] = full[f"{t}{norm}.weight"][hid] * scales[2 * j + k]
         for proj, units in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             out[f"{s}self_attn.{proj}.weight"] = full[f"{t}self_attn.{proj}.weight"][units][:, hid]
             if f"{t}self_attn.{proj}.bias" in full:
@@ -208,6 +209,8 @@ def test_pruned_model_is_the_hf_teacher_sliced_in_plain_torch(family, tmp_path):
     record = _prune(tmp_path / "hf", tmp_path / "pruned", SMALL)
     kept = record["kept"]
     assert len(kept["layers"]) == 2 and all(len(h) == 3 for h in kept["heads"])
+    # hidden 64 -> 48: each kept RMSNorm (2 per layer, the final) has its factor, applied above
+    assert len(kept["norm_scales"]) == 5 and any(abs(f - 1) > 1e-3 for f in kept["norm_scales"])
     # every kept group keeps one of its two heads: the heads are not just the first ones
     assert all(h // 2 == g for hs, gs in zip(kept["heads"], kept["query_groups"])
                for h, g in zip(hs, gs))  # fmt: skip
@@ -353,12 +356,19 @@ def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
         nproc=2,
     )  # fmt: skip
     at_tp2 = json.loads((tmp_path / "tp2/prune.json").read_text())
+    # the same units; the RMSNorm factors come from float32 sums of squares that TP=2 adds in
+    # another order (relative rounding ~1e-7, halved by the square root)
+    scales, scales_tp2 = record["kept"].pop("norm_scales"), at_tp2["kept"].pop("norm_scales")
     assert at_tp2["kept"] == record["kept"]
+    assert scales_tp2 == pytest.approx(scales, rel=1e-6)
     assert at_tp2["layer_scores"] == pytest.approx(record["layer_scores"], rel=1e-5)
     one, two = _state(tp1), _state(tmp_path / "tp2")
     assert sorted(one) == sorted(two)
     for name, t in one.items():
-        assert torch.equal(t, two[name]), name
+        if "layernorm" in name:  # times those factors
+            torch.testing.assert_close(two[name], t, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(t, two[name]), name
     diff = (torch.load(tmp_path / "tp1_at_tp2.pt") - _logits(tp1)).abs().max().item()
     assert diff <= 1e-5, diff
     assert (tmp_path / "run/final/distill_llm.json").is_file()
@@ -386,6 +396,7 @@ def _fake_checkpoint(path, cfg: dl.ModelConfig) -> str:
         ("4B", {}, "budget 4,000,000,000 parameters is larger than the teacher's"),
         ("lots", {}, "target 'lots' is neither a shape nor a parameter budget"),
         ({}, {"depth_method": "random"}, "depth_method 'random' is unknown"),
+        ({}, {"rescale_norms": "yes"}, "rescale_norms must be True or False, got 'yes'"),
         ({}, {"pp": 2}, "prune runs with pipeline_parallel=1"),
         ({}, {"moe": True}, "pruning a mixture-of-experts teacher is not supported"),
         ({}, {"exists": True}, "exists; choose a new directory"),
@@ -400,6 +411,8 @@ def test_bad_targets_are_refused_in_one_line_with_nothing_written(
         monkeypatch.setenv("WORLD_SIZE", "2")
         kw["parallel"] = dl.ParallelConfig(tensor_parallel=extra.get("tp", 1),
                                            pipeline_parallel=extra.get("pp", 1))  # fmt: skip
+    if "rescale_norms" in extra:
+        kw["rescale_norms"] = extra["rescale_norms"]
     if extra.get("moe"):
         teacher = _fake_checkpoint(tmp_path / "moe", dataclasses.replace(GQA, num_experts=4))
     if extra.get("exists"):
@@ -410,6 +423,18 @@ def test_bad_targets_are_refused_in_one_line_with_nothing_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         (["out"] if extra.get("exists") else []) + (["moe"] if extra.get("moe") else [])
     )
+
+
+def test_norm_scales_are_the_ratio_of_root_mean_squares_kept_to_all():
+    from distill_llm.prune.plan import norm_scales
+
+    # 2 teacher layers (4 norms) and the final norm, 4 channels; channels 1 and 3 kept
+    m = torch.tensor([[1.0, 4.0, 1.0, 4.0], [9.0, 9.0, 9.0, 9.0], [0.0, 2.0, 2.0, 4.0],
+                      [1.0, 1.0, 1.0, 1.0], [2.0, 8.0, 2.0, 8.0]])  # fmt: skip
+    # layer 1 kept alone: its two norms (rows 2, 3), then the final (row 4)
+    got = norm_scales(m, [1, 3], [1])
+    expected = [(3.0 / 2.0) ** 0.5, 1.0, (8.0 / 5.0) ** 0.5]
+    assert got == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_budget_picks_the_largest_shape_of_its_family_within_it():

@@ -49,6 +49,9 @@ class Scores:
     block_importance: torch.Tensor  # [num_layers]: 1 - cos(input, output), token mean
     lm_loss: Optional[torch.Tensor]  # [num_layers]: LM loss without the layer (None: not run)
     calibration_loss: float  # the teacher's LM loss on the calibration tokens
+    # [2 x num_layers + 1, hidden_size]: sum over the calibration tokens of the squared input
+    # of each norm (input_layernorm, pre_mlp_layernorm per layer, then final_layernorm)
+    norm_inputs: Optional[torch.Tensor] = None
 
     def groups(self, cfg: ModelConfig) -> torch.Tensor:
         """Query-group scores `[num_layers, num_query_groups]`: the L2 norm of their heads'."""
@@ -74,6 +77,7 @@ class _Recorder:
         self.heads: List[Optional[torch.Tensor]] = [None] * cfg.num_layers
         self.ffn: List[Optional[torch.Tensor]] = [None] * cfg.num_layers
         self.block = torch.zeros(cfg.num_layers, device=device)
+        self.norm_inputs = torch.zeros(2 * cfg.num_layers + 1, cfg.hidden_size, device=device)
         self.handles = []
         for i, layer in enumerate(model.decoder.layers):
             pairs = (
@@ -87,9 +91,13 @@ class _Recorder:
                     self.handles.append(linear.register_forward_pre_hook(fused))
                 else:
                     self._hook(norm, self._add_hidden(2 * i + k))
+                    self._hook(norm, self._add_norm_input(2 * i + k))
             self._hook(layer.self_attention.linear_proj, self._add_input(self.heads, i))
             self._hook(layer.mlp.linear_fc2, self._add_input(self.ffn, i))
             self.handles.append(layer.register_forward_hook(self._add_block(i), with_kwargs=True))
+        final = getattr(model.decoder, "final_layernorm", None)
+        if final is not None:
+            self._hook(final, self._add_norm_input(2 * cfg.num_layers))
 
     def _hook(self, module, fn) -> None:
         self.handles.append(module.register_forward_hook(fn))
@@ -100,9 +108,16 @@ class _Recorder:
 
         return hook
 
+    def _add_norm_input(self, slot: int):
+        def hook(module, args, output):
+            self.norm_inputs[slot] += args[0].detach().float().pow(2).sum(dim=(0, 1))
+
+        return hook
+
     def _add_fused_norm(self, slot: int, cfg: ModelConfig):
         def hook(module, args):
             x = args[0].float()
+            self.norm_inputs[slot] += x.pow(2).sum(dim=(0, 1))
             weight = module.layer_norm_weight.float()
             bias = getattr(module, "layer_norm_bias", None)
             if cfg.normalization == "RMSNorm":
@@ -236,4 +251,5 @@ def collect(
         block_importance=(_dp_sum(recorder.block) / count).cpu(),
         lm_loss=lm_loss,
         calibration_loss=float(base[0] / base[1]),
+        norm_inputs=_dp_sum(recorder.norm_inputs).cpu(),
     )

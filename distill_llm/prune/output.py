@@ -5,8 +5,9 @@ directory appears complete or not at all.
 prune.json: the teacher (path and architecture), the target as given, the pruned architecture,
 the depth method, the calibration (batches, samples, seq_length, seed, the teacher's LM loss on
 them), the layer scores of the depth method (None when no layer is dropped), the block
-importance of every layer, and the kept indices (`prune.plan.PrunePlan`, teacher numbering):
-enough to redo the slicing without this package.
+importance of every layer, and the kept indices (`prune.plan.PrunePlan`, teacher numbering)
+with the RMSNorm weight factors (`norm_scales`): enough to redo the slicing without this
+package.
 """
 
 import json

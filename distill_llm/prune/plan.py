@@ -14,7 +14,7 @@ teacher's heads per group).
 """
 
 from dataclasses import asdict, dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -31,6 +31,9 @@ class PrunePlan:
     query_groups: List[List[int]]
     heads: List[List[int]]
     ffn: List[List[int]]
+    # RMSNorm weight factors, per student norm (input, pre-MLP per kept layer, then final):
+    # None when no hidden channel is dropped or the correction is off (see `norm_scales`)
+    norm_scales: Optional[List[float]] = None
 
     def to_dict(self) -> dict:
         """The plan as plain lists (prune.json's "kept")."""
@@ -47,8 +50,26 @@ def top(scores: torch.Tensor, k: int) -> List[int]:
     return sorted(order[:k].tolist())
 
 
+def norm_scales(norm_inputs: torch.Tensor, hidden: List[int], layers: List[int]) -> List[float]:
+    """The factor on each kept RMSNorm's weight that keeps its output at the teacher's scale once
+    only the `hidden` channels remain. An RMSNorm divides by the root mean square of its input;
+    over the kept channels (the important, larger ones) that is larger than over all, so the
+    pruned model's normalised activations would shrink. With m_c the calibration mean of the
+    squared input of channel c (`norm_inputs`, one row per teacher norm), the factor is
+    sqrt(mean of m over the kept channels / mean of m over all channels), the ratio of the two
+    root mean squares on average. Rows of the kept `layers` (input, pre-MLP), then the final."""
+    kept = torch.tensor(hidden, dtype=torch.long)
+    rows = [2 * i + k for i in layers for k in (0, 1)] + [norm_inputs.shape[0] - 1]
+    m = norm_inputs.double()[rows]
+    return (m[:, kept].mean(dim=1) / m.mean(dim=1)).sqrt().tolist()
+
+
 def choose(
-    scores: Scores, teacher: ModelConfig, student: ModelConfig, depth_method: str
+    scores: Scores,
+    teacher: ModelConfig,
+    student: ModelConfig,
+    depth_method: str,
+    rescale_norms: bool = True,
 ) -> PrunePlan:
     """The units of `teacher` that `student`'s shape keeps, by `scores` (see module docstring)."""
     per_group = teacher.num_attention_heads // teacher.query_groups
@@ -70,4 +91,14 @@ def choose(
         )
         ffn.append(top(scores.ffn[i], student.ffn_hidden_size))
     hidden = top(scores.hidden, student.hidden_size)
-    return PrunePlan(layers=layers, hidden=hidden, query_groups=groups, heads=heads, ffn=ffn)
+    scales = None
+    if (
+        rescale_norms
+        and teacher.normalization == "RMSNorm"
+        and student.hidden_size < teacher.hidden_size
+        and scores.norm_inputs is not None
+    ):
+        scales = norm_scales(scores.norm_inputs, hidden, layers)
+    return PrunePlan(
+        layers=layers, hidden=hidden, query_groups=groups, heads=heads, ffn=ffn, norm_scales=scales
+    )

@@ -74,20 +74,28 @@ def fc1_rows(cfg: ModelConfig, neurons: List[int]) -> torch.Tensor:
     return torch.cat([kept, kept + cfg.ffn_hidden_size]) if cfg.activation == "swiglu" else kept
 
 
+def _norm(cut: torch.Tensor, name: str, plan: PrunePlan, slot: int) -> torch.Tensor:
+    """A norm's cut tensor, its weight times the plan's factor for norm `slot` (if any)."""
+    if plan.norm_scales is None or not name.endswith("weight"):
+        return cut
+    return cut * plan.norm_scales[slot]
+
+
 def slice_full(name: str, full: torch.Tensor, plan: PrunePlan, teacher: ModelConfig):
     """The student's full tensor from teacher parameter `name`'s full tensor `full`."""
     hidden = torch.tensor(plan.hidden, dtype=torch.long)
     if name in _HIDDEN_COLUMNS:
         return full[:, hidden]
     if name.startswith("decoder.final_layernorm."):
-        return full[hidden]
+        return _norm(full[hidden], name, plan, -1)
     found = _LAYER.fullmatch(name)
     if found is None:
         raise RuntimeError(f"pruning has no rule for parameter {name!r}")
     at, rest = plan.position(int(found.group(1))), found.group(2)
     kind = rest.rsplit(".", 1)[1]
     if rest.startswith(_NORMS):
-        return full[hidden]
+        first = rest.startswith(("input_layernorm.", "self_attention.linear_qkv."))
+        return _norm(full[hidden], name, plan, 2 * at + (0 if first else 1))
     if rest.startswith(("self_attention.q_layernorm.", "self_attention.k_layernorm.")):
         return full
     if rest.startswith("self_attention.linear_qkv."):
