@@ -2,6 +2,7 @@
 operators' own CPU time grouped by kind, for our `distill` and for the peers.
 
     .venv/bin/python bench/step_profile.py [--variants distill modelopt_hf plain_kd] [--steps 4]
+                                           [--shapes]
 
 Runs after bench/peers.py has written its HF models (runs/bench/peers/{teacher,student}); each
 variant in a fresh process, one at a time, 2 threads, `--warmup` untimed steps then `--steps`
@@ -16,7 +17,9 @@ profiled ones. Operators are grouped by their own ("self") CPU time:
   other        everything else
 Writes runs/bench/peers/profile.json and prints a table of ms per step per group, plus the
 ratio "ModelOpt-HF step / our gemm time": the best a step of the same GEMMs could do against
-the peer, if everything but the matrix products cost nothing.
+the peer, if everything but the matrix products cost nothing. `--shapes` adds the matrix
+products by operand shapes with their GFLOP/s (the same shapes at different rates: a layout
+difference, or noise).
 """
 
 from __future__ import annotations
@@ -62,7 +65,29 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def profile_variant(name: str, out: Path, steps: int, warmup: int, threads: int) -> dict:
+def gemm_shapes(prof, steps: int) -> list:
+    """The matrix products by operand shapes: ms per step, calls per step and GFLOP/s (2 m n k
+    per product), slowest first. A product of the same shapes costs every implementation the
+    same FLOPs; its rate says how well the BLAS ran it."""
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if group_of(event.key) != "gemm" or event.key in ("aten::linear", "aten::matmul"):
+            continue
+        shapes = [list(s) for s in event.input_shapes if s]
+        a, b = (shapes[-2], shapes[-1]) if event.key == "aten::addmm" else (shapes[0], shapes[1])
+        if len(a) != 2 or len(b) != 2:
+            continue
+        flops = 2 * a[0] * a[1] * b[1] * event.count
+        ms = event.self_cpu_time_total / 1e3
+        rows.append({"op": event.key, "a": a, "b": b, "ms_per_step": ms / steps,
+                     "calls_per_step": event.count / steps,
+                     "gflops": flops / max(ms, 1e-9) / 1e6})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
+def profile_variant(
+    name: str, out: Path, steps: int, warmup: int, threads: int, shapes: bool = False
+) -> dict:
     """Build variant `name` in this process, run `warmup` steps, profile `steps` more."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -71,7 +96,7 @@ def profile_variant(name: str, out: Path, steps: int, warmup: int, threads: int)
     variant = pv.build(name, out / "teacher", out / "student", warmup + steps, out / "engine")
     for _ in range(warmup):
         variant.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(steps):
             variant.step()
     by_group, by_op = defaultdict(float), defaultdict(float)
@@ -88,6 +113,7 @@ def profile_variant(name: str, out: Path, steps: int, warmup: int, threads: int)
         "ms_per_step": {g: by_group[g] / 1e3 / steps for g in GROUPS},
         "total_ms_per_step": total_us / 1e3 / steps,
         "top_ops_ms_per_step": {k: v / 1e3 / steps for k, v in top},
+        "gemm_shapes": gemm_shapes(prof, steps) if shapes else None,
     }
 
 
@@ -98,11 +124,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench/peers")
+    ap.add_argument("--shapes", action="store_true", help="also the GEMMs by operand shapes")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # a child process: profile this one
     args = ap.parse_args()
     out = Path(args.out)
     if args.variant:
-        result = profile_variant(args.variant, out, args.steps, args.warmup, args.threads)
+        result = profile_variant(
+            args.variant, out, args.steps, args.warmup, args.threads, args.shapes
+        )
         print(TAG + json.dumps(result), flush=True)
         return
     if not (out / "teacher").is_dir():
@@ -112,7 +141,7 @@ def main() -> None:
         print(f"profiling {name} ...", flush=True)
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(out)]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads)] + (["--shapes"] if args.shapes else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
         if proc.returncode or not lines:
@@ -135,6 +164,12 @@ def main() -> None:
         print(f"\n{r['variant']}: top operators (ms/step)")
         for k, v in r["top_ops_ms_per_step"].items():
             print(f"  {v:8.1f}  {k}")
+    for r in results:
+        if r["gemm_shapes"]:
+            print(f"\n{r['variant']}: matrix products by shape (ms/step, calls/step, GFLOP/s)")
+            for g in r["gemm_shapes"][:20]:
+                print(f"  {g['ms_per_step']:8.1f} {g['calls_per_step']:5.0f}x "
+                      f"{g['gflops']:6.1f}  {g['op']} {g['a']} @ {g['b']}")  # fmt: skip
     print(f"wrote {out / 'profile.json'}")
 
 
