@@ -19,7 +19,7 @@ SHORT = [
     "--top-k", "4", "--max-new-tokens", "4", "--student-num-layers", "2",
     "--student-hidden-size", "192", "--student-ffn-hidden-size", "256",
     "--student-num-attention-heads", "3", "--student-num-query-groups", "1",
-    "--prompt", "What is the capital of France?",
+    "--prompt", "What is the capital of France?", "--train-documents", "3",
 ]  # fmt: skip
 
 
@@ -40,6 +40,7 @@ def test_a_shortened_example_run(tmp_path):
     for key in ("teacher", "pruned_start", "kd_student", "baseline_student"):
         assert results[key]["val_loss"] > 0 and results[key]["params"] > 0
     assert results["teacher"]["params"] > 2 * results["kd_student"]["params"]
+    assert results["data"]["train"] == 3  # --train-documents
     assert results["kd_student"]["params"] == results["baseline_student"]["params"]
     for key in ("kd_student", "baseline_student"):
         assert [step for step, _ in results[key]["curve"]] == [0, 2, 4]
