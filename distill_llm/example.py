@@ -426,18 +426,25 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _kl(r: dict) -> float:
+    """A model's KL to the teacher, float noise below 1e-6 shown as 0 (the teacher's own)."""
+    return 0.0 if abs(r["kl_to_teacher"]) < 1e-6 else r["kl_to_teacher"]
+
+
+def _ppl_line(results: dict) -> str:
+    return (f"teacher perplexity, ours vs transformers on the same tokens: relative "
+            f"difference {results['teacher_ppl_relative_difference']:.2e}")  # fmt: skip
+
+
 def format_table(results: dict) -> str:
     """The printed summary: params, held-out loss, ppl and KL to the teacher per model, when
     the KD student reached the baseline's final loss, and the teacher's perplexity check."""
     rows = [f"{'model':<18}{'params':>10}{'val loss':>10}{'ppl':>10}{'KL to teacher':>15}"]
     for key in ("teacher", "pruned_start", "kd_student", "baseline_student"):
         r = results[key]
-        kl = 0.0 if abs(r["kl_to_teacher"]) < 1e-6 else r["kl_to_teacher"]
         rows.append(f"{key:<18}{r['params'] / 1e6:>9.1f}M{r['val_loss']:>10.4f}"
-                    f"{r['val_ppl']:>10.4g}{kl:>15.4f}")  # fmt: skip
-    rows.append(reached_line(results))
-    rows.append(f"teacher perplexity, ours vs transformers on the same tokens: relative "
-                f"difference {results['teacher_ppl_relative_difference']:.2e}")  # fmt: skip
+                    f"{r['val_ppl']:>10.4g}{_kl(r):>15.4f}")  # fmt: skip
+    rows += [reached_line(results), _ppl_line(results)]
     return "\n".join(rows)
 
 
@@ -462,11 +469,10 @@ def report(results: dict, cfg: ExampleConfig) -> str:
     )  # fmt: skip
     for key, label in labels:
         r = results[key]
-        kl = 0.0 if abs(r["kl_to_teacher"]) < 1e-6 else r["kl_to_teacher"]
         lines.append(f"| {label} | {r['params'] / 1e6:.1f}M | {r['val_loss']:.4f} | "
-                     f"{r['val_ppl']:.2f} | {kl:.4f} |")  # fmt: skip
-    summary = format_table(results).splitlines()
-    lines += ["", summary[-2], "", summary[-1], "", "![loss curves](loss_curves.png)", ""]
+                     f"{r['val_ppl']:.2f} | {_kl(r):.4f} |")  # fmt: skip
+    lines += ["", reached_line(results), "", _ppl_line(results), ""]
+    lines += ["![loss curves](loss_curves.png)", ""]
     lines += ["## Greedy continuations (chat template applied)", ""]
     cont = results["continuations"]
     for i, prompt in enumerate(results["prompts"]):

@@ -91,7 +91,6 @@ class _Recorder:
                     self.handles.append(linear.register_forward_pre_hook(fused))
                 else:
                     self._hook(norm, self._add_hidden(2 * i + k))
-                    self._hook(norm, self._add_norm_input(2 * i + k))
             self._hook(layer.self_attention.linear_proj, self._add_input(self.heads, i))
             self._hook(layer.mlp.linear_fc2, self._add_input(self.ffn, i))
             self.handles.append(layer.register_forward_hook(self._add_block(i), with_kwargs=True))
@@ -102,15 +101,19 @@ class _Recorder:
     def _hook(self, module, fn) -> None:
         self.handles.append(module.register_forward_hook(fn))
 
-    def _add_hidden(self, slot: int):
-        def hook(module, args, output):
-            self.hidden[slot] += _channel_sums(output)
-
-        return hook
-
     def _add_norm_input(self, slot: int):
         def hook(module, args, output):
             self.norm_inputs[slot] += args[0].detach().float().pow(2).sum(dim=(0, 1))
+
+        return hook
+
+    def _add_hidden(self, slot: int):
+        """One hook per norm: its output's channel statistics and its input's squares."""
+        norm_input = self._add_norm_input(slot)
+
+        def hook(module, args, output):
+            self.hidden[slot] += _channel_sums(output)
+            norm_input(module, args, output)
 
         return hook
 
