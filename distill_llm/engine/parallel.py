@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from distill_llm.engine import cpu_compat
+from distill_llm.engine import cpu_compat, host_memory
 from distill_llm.errors import ConfigError
 
 Precision = Literal["fp32", "bf16"]
@@ -73,6 +73,8 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.apply()
+    if not torch.cuda.is_available():
+        host_memory.keep_freed_memory()  # a CPU step re-faults its activations otherwise
     parallel.validate(world_size_from_env())
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
