@@ -5,8 +5,7 @@
 Builds two Llamas with transformers (fixed seeds, float32) and saves them as Hugging Face
 directories in runs/bench/peers/{teacher,student}: the teacher 8 layers x 512, 8 heads / 4 KV
 heads, FFN 1536; the student 4 x 256, 4 / 2 heads, FFN 768; vocabulary 8192. Then times, each
-in a fresh process, one at a time, after a quiet-CPU check, on one batch of 8 x 256 random
-tokens (one process, 2 threads, fp32):
+in its own fresh process, on one batch of 8 x 256 random tokens (2 threads, fp32):
   distill          distill_llm `distill` with its default KDConfig (forward KL, T=1), the
                    teacher and student loaded from the HF directories (excluding validation
                    and saves, as the peers' figures do)
@@ -17,9 +16,17 @@ tokens (one process, 2 threads, fp32):
   plain_kd         a plain PyTorch KD loop on the transformers models
 and, with `--variants all`, transformers' own student-only step and teacher forward. Every
 training variant uses AdamW with the engine's settings (bench/peers_variants.py says exactly
-what each does). Each reports the median of `--steps` steps after `--warmup` steps and its peak
-resident memory (ru_maxrss); `--passes 2` runs them all again in reversed order. Writes
-runs/bench/peers/peers.json and prints the table and the ratios issue 16 sets targets for.
+what each does).
+
+The processes take turns: all are set up, the machine is checked to be quiet, then each runs
+one step while the others are stopped (SIGSTOP), round after round, the order reversed every
+round. Only one runs at any moment, and the steps of every variant are spread over the same
+minutes: on a shared machine whose speed drifts by 20% from one minute to the next (measured
+here), timing the variants one after another compared the minutes as much as the code.
+Each reports the median of `--steps` steps after `--warmup` steps, its kernel time and page
+faults per step, and its peak resident memory (ru_maxrss); `--passes 2` does it all again with
+fresh processes. Writes runs/bench/peers/peers.json and prints the table and the ratios issue 16
+sets targets for.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,10 +78,10 @@ STUDENT = dict(
     num_key_value_heads=2,
     intermediate_size=768,
 )
-RESULT_TAG = "PEERS_RESULT "  # the child's result line on stdout, among library prints
+TAG = "PEERS "  # the child's protocol lines on stdout, among library prints
 
 
-# -- one variant, in this (fresh) process ---------------------------------------------------------
+# -- one variant, in this (fresh) process, stepping when told -----------------------------------
 def _rss_now_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -81,43 +89,69 @@ def _rss_now_mib() -> float:
     return float("nan")
 
 
-def run_variant(name: str, out: Path, steps: int, warmup: int, threads: int) -> dict:
-    """Set up variant `name`, run `warmup` + `steps` steps, and return its figures."""
+def _reply(tag: str, payload: dict) -> None:
+    print(f"{TAG}{tag} {json.dumps(payload)}", flush=True)
+
+
+def _usage() -> tuple[float, float, int]:
+    """(user + system CPU seconds, system CPU seconds, minor page faults) of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
+
+
+def serve(name: str, out: Path, total_steps: int, warmup: int, threads: int) -> None:
+    """Set up variant `name`, say READY, then run one step per "step" line on stdin and report
+    it; on "end", check the student trained and report the figures of the steps after
+    `warmup`."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    variant = pv.build(name, out / "teacher", out / "student", warmup + steps, out / "engine")
+    variant = pv.build(name, out / "teacher", out / "student", total_steps, out / "engine")
     setup_s = time.perf_counter() - t0
     before = variant.probe.detach().clone() if variant.probe is not None else None
     rss_setup = _rss_now_mib()
-    losses, times = [], []
-    for i in range(warmup + steps):
+    _reply("READY", {"setup_s": setup_s})
+    steps = []
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        cpu0, sys0, flt0 = _usage()
         t0 = time.perf_counter()
         loss = variant.step()
         dt = time.perf_counter() - t0
-        losses.append(loss)
-        if i >= warmup:
-            times.append(dt)
+        cpu1, sys1, flt1 = _usage()
+        step = {"s": dt, "loss": loss, "cpu_s": cpu1 - cpu0, "sys_s": sys1 - sys0}
+        steps.append({**step, "faults": flt1 - flt0})
+        _reply("STEP", step)
     trained = None
     if before is not None:  # the steps really updated the student
         trained = not torch.equal(before, variant.probe.detach())
         if not trained:
-            raise RuntimeError(f"{name}: the student's weights did not change in {steps} steps")
-    ms = statistics.median(times) * 1e3
-    return {
-        "variant": name,
-        "ms_per_step": ms,
-        "tokens_per_s": pv.BATCH * pv.SEQ / (ms / 1e3),
-        "step_ms": [t * 1e3 for t in times],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_after_setup_mib": rss_setup,
-        "setup_s": setup_s,
-        "losses": losses,
-        "weights_changed": trained,
-        "threads": torch.get_num_threads(),
-        **variant.info,
-    }
+            raise RuntimeError(
+                f"{name}: the student's weights did not change in {len(steps)} steps"
+            )
+    timed = steps[warmup:]
+    ms = statistics.median(x["s"] for x in timed) * 1e3
+    _reply(
+        "RESULT",
+        {
+            "variant": name,
+            "ms_per_step": ms,
+            "tokens_per_s": pv.BATCH * pv.SEQ / (ms / 1e3),
+            "step_ms": [x["s"] * 1e3 for x in timed],
+            # kernel time and page faults per step: memory the allocator hands back and faults in
+            "sys_ms_per_step": statistics.median(x["sys_s"] for x in timed) * 1e3,
+            "faults_per_step": statistics.median(x["faults"] for x in timed),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_setup_mib": rss_setup,
+            "setup_s": setup_s,
+            "losses": [x["loss"] for x in steps],
+            "weights_changed": trained,
+            "threads": torch.get_num_threads(),
+            **variant.info,
+        },
+    )
 
 
 # -- the quiet-CPU check --------------------------------------------------------------------------
@@ -159,47 +193,92 @@ def _cpu_seconds(jiffies: int) -> float:
     return jiffies / os.sysconf("SC_CLK_TCK")
 
 
-def spawn(name: str, args) -> dict:
-    """Run variant `name` in a fresh process after the quiet check; its figures, plus how much
-    CPU other processes used meanwhile (`others_cpus`, in CPUs, averaged over its run)."""
-    quiet = wait_quiet(args.quiet_cpus, args.quiet_wait)
-    if not quiet["quiet"]:
-        print(
-            f"  warning: the CPUs are busy ({quiet['busy_cpus_before']:.2f} CPUs of work, "
-            f"load {quiet['load1']:.2f}) before {name}",
-            flush=True,
-        )
-    cmd = [
-        sys.executable,
-        __file__,
-        "--variant",
-        name,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--out",
-        args.out,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    b0, _ = _cpu_jiffies()
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    b1, _ = _cpu_jiffies()
-    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} failed:\n{proc.stderr[-4000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)][-1]
-    result = json.loads(line[len(RESULT_TAG) :])
-    own = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
-    result.update(quiet)
-    result["process_s"] = wall
-    result["others_cpus"] = max(_cpu_seconds(b1 - b0) - own, 0.0) / wall
-    return result
+class Child:
+    """One variant's fresh process, driven step by step over its stdin/stdout."""
+
+    def __init__(self, name: str, args, log_dir: Path):
+        cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--out", args.out]  # fmt: skip
+        threads = str(args.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        self.name = name
+        self.log = log_dir / f"{name}.stderr"
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
+            text=True, env=env,
+        )  # fmt: skip
+
+    def expect(self, tag: str) -> dict:
+        """The payload of the child's next `tag` line (library prints in between are skipped)."""
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                got, payload = line[len(TAG) :].split(" ", 1)
+                if got != tag:
+                    raise RuntimeError(f"{self.name}: expected {tag}, got {got}")
+                return json.loads(payload)
+        self.proc.wait()
+        tail = self.log.read_text()[-4000:]
+        raise RuntimeError(f"variant {self.name} failed (exit {self.proc.returncode}):\n{tail}")
+
+    def send(self, word: str) -> None:
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def pause(self) -> None:
+        """Stop every thread of the child (SIGSTOP): an idle process still wakes (the engine's
+        gloo I/O threads poll every 10 ms) and would steal time from the one being timed."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def step(self) -> dict:
+        self.resume()
+        self.send("step")
+        got = self.expect("STEP")
+        self.pause()
+        return got
+
+
+def run_pass(names: list[str], args) -> dict[str, dict]:
+    """One pass: a fresh process per variant, all set up first; then they take turns, one step
+    at a time (only one runs at any moment; the order reverses every round), so a machine that
+    speeds up or slows down over the minutes affects every variant alike. Each step also
+    records how much CPU other processes used meanwhile (`others_cpus`, in CPUs)."""
+    log_dir = Path(args.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = [Child(n, args, log_dir) for n in names]
+    try:
+        for c in children:
+            c.expect("READY")
+            c.pause()
+        quiet = wait_quiet(args.quiet_cpus, args.quiet_wait)
+        if not quiet["quiet"]:
+            print(f"  warning: the CPUs are busy ({quiet['busy_cpus_before']:.2f} CPUs of work, "
+                  f"load {quiet['load1']:.2f}) before the steps", flush=True)  # fmt: skip
+        others: dict[str, list[float]] = {n: [] for n in names}
+        for k in range(args.warmup + args.steps):
+            for c in children if k % 2 == 0 else children[::-1]:
+                b0, _ = _cpu_jiffies()
+                step = c.step()
+                b1, _ = _cpu_jiffies()
+                if k >= args.warmup:
+                    busy = _cpu_seconds(b1 - b0) - step["cpu_s"]
+                    others[c.name].append(max(busy, 0.0) / step["s"])
+        results = {}
+        for c in children:
+            c.resume()
+            c.send("end")
+            results[c.name] = c.expect("RESULT")
+            c.proc.wait()
+            results[c.name].update(quiet, others_cpus=statistics.median(others[c.name]))
+        return results
+    finally:
+        for c in children:
+            if c.proc.poll() is None:
+                c.resume()
+                c.proc.kill()
 
 
 # -- models, table, ratios ------------------------------------------------------------------------
@@ -268,13 +347,13 @@ def print_table(by_name: dict[str, list[dict]], result: dict) -> None:
 
     print(
         f"{'implementation':<42} {'ms/step':>15} {'tokens/s':>13} {'peak RSS MiB':>13} "
-        f"{'others CPUs':>11}"
+        f"{'kernel ms':>11} {'others CPUs':>11}"
     )
     for name, runs in by_name.items():
         print(
             f"{LABELS[name]:<42} {cells(runs, 'ms_per_step', '.0f'):>15} "
             f"{cells(runs, 'tokens_per_s', '.0f'):>13} {cells(runs, 'peak_rss_mib', '.0f'):>13} "
-            f"{cells(runs, 'others_cpus', '.2f'):>11}"
+            f"{cells(runs, 'sys_ms_per_step', '.0f'):>11} {cells(runs, 'others_cpus', '.2f'):>11}"
         )
     print("\nratios (median over passes):")
     for r in result["ratios"].values():
@@ -294,7 +373,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--passes", type=int, default=2, help="2: run again in reversed order")
+    ap.add_argument("--passes", type=int, default=2, help="2: all again in fresh processes")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per process")
     ap.add_argument(
         "--variants",
@@ -305,7 +384,7 @@ def main() -> None:
         "--quiet-cpus",
         type=float,
         default=0.3,
-        help="start a variant once the machine does under this many CPUs of work",
+        help="start the steps once the machine does under this many CPUs of work",
     )
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for quiet (s)")
     ap.add_argument("--out", default="runs/bench/peers")
@@ -313,8 +392,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.variant:
-        result = run_variant(args.variant, out, args.steps, args.warmup, args.threads)
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        serve(args.variant, out, args.warmup + args.steps, args.warmup, args.threads)
         return
 
     names = (
@@ -327,10 +405,9 @@ def main() -> None:
     params = build_models(out)
     by_name: dict[str, list[dict]] = {n: [] for n in names}
     for p in range(args.passes):
-        order = names if p % 2 == 0 else list(reversed(names))
-        for name in order:
-            print(f"pass {p + 1}: {name}", flush=True)
-            by_name[name].append(spawn(name, args))
+        print(f"pass {p + 1}: {', '.join(names)} in turns", flush=True)
+        for name, result in run_pass(names, args).items():
+            by_name[name].append(result)
     import torch
     import transformers
 

@@ -2,7 +2,7 @@
 operators' own CPU time grouped by kind, for our `distill` and for the peers.
 
     .venv/bin/python bench/step_profile.py [--variants distill modelopt_hf plain_kd] [--steps 4]
-                                           [--shapes]
+                                           [--shapes] [--one-process]
 
 Runs after bench/peers.py has written its HF models (runs/bench/peers/{teacher,student}); each
 variant in a fresh process, one at a time, 2 threads, `--warmup` untimed steps then `--steps`
@@ -19,7 +19,10 @@ Writes runs/bench/peers/profile.json and prints a table of ms per step per group
 ratio "ModelOpt-HF step / our gemm time": the best a step of the same GEMMs could do against
 the peer, if everything but the matrix products cost nothing. `--shapes` adds the matrix
 products by operand shapes with their GFLOP/s (the same shapes at different rates: a layout
-difference, or noise).
+difference, or noise). `--one-process` instead builds every variant in this one process and
+profiles one step of each in turn: the comparison between implementations then does not depend
+on which minutes each ran in (this machine's speed drifts by up to 20%), and all run under the
+engine's allocator settings, so the table compares the operators' work alone.
 """
 
 from __future__ import annotations
@@ -85,36 +88,75 @@ def gemm_shapes(prof, steps: int) -> list:
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
+class Tally:
+    """Operators' own CPU time over profiled steps, by group and by operator."""
+
+    def __init__(self, name: str):
+        self.name, self.steps = name, 0
+        self.by_group, self.by_op = defaultdict(float), defaultdict(float)
+
+    def add(self, prof, steps: int) -> None:
+        self.steps += steps
+        for event in prof.key_averages():
+            own = event.self_cpu_time_total  # microseconds, all profiled steps
+            self.by_group[group_of(event.key)] += own
+            self.by_op[event.key] += own
+
+    def result(self, gemm_shapes=None) -> dict:
+        top = sorted(self.by_op.items(), key=lambda kv: -kv[1])[:15]
+        per_step = 1e3 * self.steps
+        return {
+            "variant": self.name,
+            "steps": self.steps,
+            "ms_per_step": {g: self.by_group[g] / per_step for g in GROUPS},
+            "total_ms_per_step": sum(self.by_op.values()) / per_step,
+            "top_ops_ms_per_step": {k: v / per_step for k, v in top},
+            "gemm_shapes": gemm_shapes,
+        }
+
+
+def _build(name: str, out: Path, total_steps: int, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return pv.build(name, out / "teacher", out / "student", total_steps, out / "engine")
+
+
 def profile_variant(
     name: str, out: Path, steps: int, warmup: int, threads: int, shapes: bool = False
 ) -> dict:
     """Build variant `name` in this process, run `warmup` steps, profile `steps` more."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
-    variant = pv.build(name, out / "teacher", out / "student", warmup + steps, out / "engine")
+    variant = _build(name, out, warmup + steps, threads)
     for _ in range(warmup):
         variant.step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(steps):
             variant.step()
-    by_group, by_op = defaultdict(float), defaultdict(float)
-    total_us = 0.0
-    for event in prof.key_averages():
-        own = event.self_cpu_time_total  # microseconds, all profiled steps
-        by_group[group_of(event.key)] += own
-        by_op[event.key] += own
-        total_us += own
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-    return {
-        "variant": name,
-        "steps": steps,
-        "ms_per_step": {g: by_group[g] / 1e3 / steps for g in GROUPS},
-        "total_ms_per_step": total_us / 1e3 / steps,
-        "top_ops_ms_per_step": {k: v / 1e3 / steps for k, v in top},
-        "gemm_shapes": gemm_shapes(prof, steps) if shapes else None,
-    }
+    tally = Tally(name)
+    tally.add(prof, steps)
+    return tally.result(gemm_shapes(prof, steps) if shapes else None)
+
+
+def profile_together(names: list[str], out: Path, steps: int, warmup: int, threads: int):
+    """All variants in this one process, one profiled step each in turn (the order reversed
+    every round): the same minutes of a drifting machine and the same allocator for all (the
+    engine's, `engine/host_memory.py`, set once `distill` is built, so it is built first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = sorted(names, key=lambda n: n != "distill")
+    variants = {n: _build(n, out, warmup + steps, threads) for n in names}
+    for _ in range(warmup):
+        for v in variants.values():
+            v.step()
+    tallies = {n: Tally(n) for n in names}
+    for k in range(steps):
+        for name in names if k % 2 == 0 else names[::-1]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                variants[name].step()
+            tallies[name].add(prof, 1)
+    return [tallies[n].result() for n in names]
 
 
 def main() -> None:
@@ -125,6 +167,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/bench/peers")
     ap.add_argument("--shapes", action="store_true", help="also the GEMMs by operand shapes")
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all variants in this process, profiled in turns (same minutes, same allocator)",
+    )
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # a child process: profile this one
     args = ap.parse_args()
     out = Path(args.out)
@@ -137,7 +184,9 @@ def main() -> None:
     if not (out / "teacher").is_dir():
         sys.exit(f"no models in {out}: run `.venv/bin/python bench/peers.py` first")
     results = []
-    for name in args.variants:
+    if args.one_process:
+        results = profile_together(args.variants, out, args.steps, args.warmup, args.threads)
+    for name in args.variants if not args.one_process else []:
         print(f"profiling {name} ...", flush=True)
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(out)]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
