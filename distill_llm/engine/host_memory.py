@@ -3,14 +3,17 @@
 torch's CPU tensors come from glibc `malloc`. glibc serves a large block (above its mmap threshold,
 which starts at 128 KiB and adapts up to 32 MiB) with a fresh `mmap` and unmaps it on `free`, and
 trims the heap's free top back to the OS past 128 KiB. A training step allocates and frees the same
-large activations every step, so each step faults every one of their pages in again, and the kernel
+large activations every step, so each step faults many of their pages in again, and the kernel
 zeroes each page first. Measured on the bench/peers.py models (8 x 512 teacher, 4 x 256 student,
-8 x 256 tokens, 2 threads): ~52,000 page faults and ~220 ms of kernel time per KD step; with the
-settings below, none, and the step ~9% shorter.
+8 x 256 tokens, 2 threads), per KD step: 33,000-47,000 page faults and 180-195 ms of kernel time
+by default; with the settings below ~6 faults and 55-85 ms, and the step 0-4% shorter. Code
+that frees more blocks above 32 MiB pays more: the peers bench/peers.py times against take
+168,000-218,000 faults per step.
 
 `keep_freed_memory()` raises the mmap threshold to 1 GiB (blocks up to that size come from the
 heap and are reused) and the trim threshold to 1 GiB (freed memory stays with the process up to
-that much). Peak memory is unchanged: it is reached inside the step either way.
+that much). Peak memory is unchanged (1334-1359 MiB either way on that KD step): it is
+reached inside the step.
 
 It changes only this process's allocator settings, through glibc's `mallopt`. It does nothing when
 the C library is not glibc, or when the user has set glibc's own knobs in the environment
