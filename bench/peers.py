@@ -204,10 +204,11 @@ class Child:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         self.name = name
         self.log = log_dir / f"{name}.stderr"
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("w"),
-            text=True, env=env,
-        )  # fmt: skip
+        with self.log.open("w") as err:  # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                env=env,
+            )  # fmt: skip
 
     def expect(self, tag: str) -> dict:
         """The payload of the child's next `tag` line (library prints in between are skipped)."""
@@ -258,14 +259,13 @@ def run_pass(names: list[str], args) -> dict[str, dict]:
             print(f"  warning: the CPUs are busy ({quiet['busy_cpus_before']:.2f} CPUs of work, "
                   f"load {quiet['load1']:.2f}) before the steps", flush=True)  # fmt: skip
         others: dict[str, list[float]] = {n: [] for n in names}
-        for k in range(args.warmup + args.steps):
-            for c in children if k % 2 == 0 else children[::-1]:
-                b0, _ = _cpu_jiffies()
-                step = c.step()
-                b1, _ = _cpu_jiffies()
-                if k >= args.warmup:
-                    busy = _cpu_seconds(b1 - b0) - step["cpu_s"]
-                    others[c.name].append(max(busy, 0.0) / step["s"])
+        for k, c in pv.in_turns(children, args.warmup + args.steps):
+            b0, _ = _cpu_jiffies()
+            step = c.step()
+            b1, _ = _cpu_jiffies()
+            if k >= args.warmup:
+                busy = _cpu_seconds(b1 - b0) - step["cpu_s"]
+                others[c.name].append(max(busy, 0.0) / step["s"])
         results = {}
         for c in children:
             c.resume()

@@ -253,6 +253,14 @@ def _hf(teacher_dir: Path, student_dir: Path, role: str, total_steps: int, run_d
     )
 
 
+def in_turns(items: list, rounds: int):
+    """(round, item) for `rounds` rounds over `items`, the order reversed every other round, so
+    no item always goes first: how the benches interleave variants on a drifting machine."""
+    for k in range(rounds):
+        for item in items if k % 2 == 0 else items[::-1]:
+            yield k, item
+
+
 OURS = ("distill", "pretrain", "teacher_forward")
 PEERS = ("modelopt_hf", "plain_kd", "hf_student", "hf_teacher_forward")
 

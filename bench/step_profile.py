@@ -142,21 +142,35 @@ def profile_variant(
 def profile_together(names: list[str], out: Path, steps: int, warmup: int, threads: int):
     """All variants in this one process, one profiled step each in turn (the order reversed
     every round): the same minutes of a drifting machine and the same allocator for all (the
-    engine's, `engine/host_memory.py`, set once `distill` is built, so it is built first)."""
+    engine's, `engine/host_memory.py`, set here before any variant is built)."""
     from torch.profiler import ProfilerActivity, profile
 
-    names = sorted(names, key=lambda n: n != "distill")
+    from distill_llm.engine import host_memory
+
+    host_memory.keep_freed_memory()
     variants = {n: _build(n, out, warmup + steps, threads) for n in names}
     for _ in range(warmup):
         for v in variants.values():
             v.step()
     tallies = {n: Tally(n) for n in names}
-    for k in range(steps):
-        for name in names if k % 2 == 0 else names[::-1]:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                variants[name].step()
-            tallies[name].add(prof, 1)
+    for _, name in pv.in_turns(names, steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            variants[name].step()
+        tallies[name].add(prof, 1)
     return [tallies[n].result() for n in names]
+
+
+def profile_in_child(name: str, args) -> dict:
+    """Profile variant `name` in a fresh process (this script with `--variant`)."""
+    print(f"profiling {name} ...", flush=True)
+    cmd = [sys.executable, __file__, "--variant", name, "--out", args.out]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--threads", str(args.threads)] + (["--shapes"] if args.shapes else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
+    if proc.returncode or not lines:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(TAG) :])
 
 
 def main() -> None:
@@ -183,19 +197,10 @@ def main() -> None:
         return
     if not (out / "teacher").is_dir():
         sys.exit(f"no models in {out}: run `.venv/bin/python bench/peers.py` first")
-    results = []
     if args.one_process:
         results = profile_together(args.variants, out, args.steps, args.warmup, args.threads)
-    for name in args.variants if not args.one_process else []:
-        print(f"profiling {name} ...", flush=True)
-        cmd = [sys.executable, __file__, "--variant", name, "--out", str(out)]
-        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--threads", str(args.threads)] + (["--shapes"] if args.shapes else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
-        if proc.returncode or not lines:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(lines[-1][len(TAG) :]))
+    else:
+        results = [profile_in_child(name, args) for name in args.variants]
     (out / "profile.json").write_text(json.dumps(results, indent=1))
     head = f"{'ms/step':<14}" + "".join(f"{r['variant']:>14}" for r in results)
     print(head)
