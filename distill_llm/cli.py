@@ -100,6 +100,14 @@ def launch(task, executor=None, name: str = "distill_llm", detach: bool = False)
     return launch_chain([(name, task)], executor, name, detach)
 
 
+def in_turn(stages: list) -> list:
+    """Call `stages` one after another in this process and return their results. Given as a
+    list of run.Partial, which NeMo-Run builds into callables before the task starts, they make
+    one task that pays the start-up of a launch (torchrun, imports, process group: about 15 s
+    on 2 CPU cores) once instead of once per stage."""
+    return [stage() for stage in stages]
+
+
 def launch_chain(tasks, executor, name: str, detach: bool = False, poll_s: float = 5.0) -> str:
     """Run the (name, run.Partial[, executor]) `tasks` as one NeMo-Run experiment (a task's own
     executor, else `executor`), one after the other, and

