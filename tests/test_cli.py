@@ -1,6 +1,7 @@
 """Recipes, executors and the `nemo distill_llm ...` CLI: configs, dry runs, real local torchrun
 and real Slurm runs, and the exact Docker request."""
 
+import concurrent.futures
 import importlib
 import json
 import os
@@ -121,15 +122,20 @@ def git_repo(tmp_path_factory):
 
 
 def test_dryrun_of_every_recipe(git_repo, tmp_path):
-    for name in RECIPES:
+    def dryrun(name):
         entry = {"tiny_teacher": "pretrain", "tiny_cache": "cache_teacher",
                  "tiny_prune": "prune"}.get(name, "distill")  # fmt: skip
         # the tiny ones in this process, the 8-GPU ones as a one-node Slurm job
         cpu = name.startswith(("tiny", "nemo"))
         where = [] if cpu else ["run.executor=slurm", "run.executor.account=a"]
-        out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert f"Dry run for task distill_llm.api:{entry}" in out.stdout
+        out = _nemo([entry, "--factory", name, *where, "--dryrun"], git_repo, tmp_path / name)
+        return name, entry, out
+
+    # two CLI processes at a time: each spends most of its ~6 s importing
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for name, entry, out in pool.map(dryrun, RECIPES):
+            assert out.returncode == 0, (name, out.stderr[-2000:])
+            assert f"Dry run for task distill_llm.api:{entry}" in out.stdout, name
     # --to-yaml writes the fully resolved config, overrides included, and runs nothing
     out = _nemo(
         [
