@@ -108,6 +108,11 @@ def in_turn(stages: list) -> list:
     return [stage() for stage in stages]
 
 
+def one_task(name: str, stages: list) -> tuple:
+    """The (name, run.Partial) stages as a single (name, task) for `launch_chain`: `in_turn`."""
+    return name, run.Partial(in_turn, stages=[stage for _, stage in stages])
+
+
 def launch_chain(tasks, executor, name: str, detach: bool = False, poll_s: float = 5.0) -> str:
     """Run the (name, run.Partial[, executor]) `tasks` as one NeMo-Run experiment (a task's own
     executor, else `executor`), one after the other, and

@@ -285,7 +285,7 @@ def run_example(cfg: ExampleConfig) -> dict:
     import nemo_run as run  # heavy: `--help` stays quick
 
     from distill_llm import smollm2
-    from distill_llm.cli import in_turn, launch_chain
+    from distill_llm.cli import launch_chain, one_task
 
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -326,8 +326,7 @@ def run_example(cfg: ExampleConfig) -> dict:
             export_hf=str(out / "baseline_student_hf"), **common,
         )),
     ]  # fmt: skip
-    # the four torchrun stages in one task: one start-up (~15 s) instead of four
-    tasks = [("training", run.Partial(in_turn, stages=[stage for _, stage in stages]))]
+    tasks = [one_task("training", stages)]  # one torchrun start-up (~15 s) instead of four
     single = run.LocalExecutor()  # one plain process: evaluation and generation
     tasks.append(("evaluate", run.Partial(
         evaluate_and_generate, teacher=str(teacher),

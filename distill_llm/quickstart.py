@@ -287,7 +287,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # NeMo-Run (and the CLI module built on it) is heavy to import: `--help` stays quick
     import nemo_run as run
 
-    from distill_llm.cli import in_turn, launch_chain
+    from distill_llm.cli import launch_chain, one_task
 
     out = Path(cfg.output_dir).resolve()
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -354,9 +354,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             optim=c["optim"](cfg.student_lr, cfg.student_steps),
             parallel=c["parallel"], output_dir=str(out / tag / "pruned_kd_student"),
         ))]  # fmt: skip
-        # the four student stages in one task: one start-up instead of four
-        tasks.append(("students", run.Partial(in_turn, stages=[stage for _, stage in stages])))
-        names = [n for n, _ in tasks if n == "teacher"] + [n for n, _ in stages]
+        names = [n for n, _ in tasks + stages]  # the teacher's, when it is trained, first
+        tasks.append(one_task("students", stages))  # one start-up instead of four
         _say(f"{tag}: running {', '.join(names)} (torchrun x {cfg.devices})")
         started = time.time()
         launch_chain(tasks, executor, f"quickstart_{tag}")
