@@ -378,7 +378,9 @@ def prune(
     the first batches `distill` with the same `data` and `train` trains on) of `data`'s
     training split (`prune.importance`): width from activation magnitudes, depth by
     `depth_method` ("lm_loss": the LM loss without the layer; "block_importance": 1 - cosine
-    of a layer's input and output). The highest-scored layers, hidden channels, query groups,
+    of a layer's input and output; "iterative_lm_loss": layers removed one at a time, each
+    time the one whose removal costs the least LM loss given those already gone). The
+    highest-scored layers, hidden channels, query groups,
     heads and FFN neurons are kept, in the teacher's order (`prune.plan`, `prune.slicing`).
     With fewer hidden channels and `rescale_norms` (our addition to Minitron), each kept
     RMSNorm's weight is multiplied by the calibration ratio of its input's root mean square over
@@ -412,8 +414,8 @@ def prune(
         batches = itertools.islice(
             data_module.train_batches(0), calibration_batches * data_module.plan.num_microbatches
         )
-        dropped = student_cfg.num_layers < teacher_cfg.num_layers
-        scores = importance.collect(model, teacher_cfg, batches, depth_method, dropped)
+        drop = teacher_cfg.num_layers - student_cfg.num_layers
+        scores = importance.collect(model, teacher_cfg, batches, depth_method, drop)
         kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method, rescale_norms)]
         if torch.distributed.get_world_size() > 1:  # one decision, whatever the float noise
             torch.distributed.broadcast_object_list(kept, src=0)

@@ -52,6 +52,7 @@ from distill_llm.engine.parallel import ParallelConfig
 from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
 from distill_llm.kd.config import KDConfig
+from distill_llm.prune.importance import DEPTH_METHODS
 from distill_llm.quickstart import first_reaching, reached_line, stamp_ok, val_curve
 
 PROMPTS = (
@@ -506,7 +507,7 @@ def main(argv=None) -> int:
                     help="train on this many documents (a fixed pseudo-random pick), repeated "
                     "as the steps need; default: %(default)s (None: all)")  # fmt: skip
     ap.add_argument("--depth-method", default=defaults.depth_method,
-                    choices=("block_importance", "lm_loss"))  # fmt: skip
+                    choices=DEPTH_METHODS)  # fmt: skip
     for name, value in defaults.student.items():
         ap.add_argument(f"--student-{name.replace('_', '-')}", type=int, default=value,
                         help=f"the pruned student's {name}")  # fmt: skip

@@ -51,7 +51,8 @@ def recipe(
 ) -> run.Partial:
     """The tiny teacher at `teacher` pruned to `tiny_student_shape`, importance from
     `calibration_batches` batches of the `tiny` recipe's training stream (mock data, 8 x 128
-    tokens each); layers ranked by `depth_method` ("lm_loss" or "block_importance")."""
+    tokens each); layers ranked by `depth_method` ("lm_loss", "block_importance" or
+    "iterative_lm_loss")."""
     return run.Partial(
         prune,
         teacher=teacher,

@@ -320,7 +320,7 @@ def trained_mha(tmp_path_factory):
     return str(tmp / "teacher")
 
 
-@pytest.mark.parametrize("depth_method", ["lm_loss", "block_importance"])
+@pytest.mark.parametrize("depth_method", ["lm_loss", "block_importance", "iterative_lm_loss"])
 def test_planted_heads_and_identity_layer_go_first(trained_mha, depth_method, tmp_path):
     record = _prune(trained_mha, tmp_path / "out", dict(num_layers=3, num_attention_heads=3),
                     depth_method=depth_method)  # fmt: skip
@@ -329,24 +329,54 @@ def test_planted_heads_and_identity_layer_go_first(trained_mha, depth_method, tm
     assert kept["heads"] == kept["query_groups"] == [[0, 1, 3]] * 3
     scores = record["layer_scores"]
     others = [s for i, s in enumerate(scores) if i != IDENTITY]
+    base = record["calibration"]["teacher_loss"]
     if depth_method == "lm_loss":  # without the identity layer the loss is the teacher's own
-        base = record["calibration"]["teacher_loss"]
         assert scores[IDENTITY] == pytest.approx(base, abs=1e-5) and min(others) > base + 1e-3
+    elif depth_method == "iterative_lm_loss":  # removed in the first (only) round
+        assert scores[IDENTITY] == 0 and others == [1, 1, 1]
+        [removal] = record["removals"]
+        assert removal["layer"] == IDENTITY and removal["lm_loss"] == pytest.approx(base, abs=1e-5)
     else:
         assert scores[IDENTITY] < 1e-6 < min(others)
     assert paths.model_config_of(tmp_path / "out").num_query_groups is None  # still MHA
 
 
+def test_greedy_removal_finds_the_pair_that_single_rankings_miss():
+    """The quickstart teacher's case (seed 1234, losses rounded): alone, layers 3 and 2 cost
+    least, so one-shot ranking keeps [0, 1]; with 3 gone, removing 1 costs less than removing
+    2, so greedy removal keeps [0, 2], the pair with the lowest loss."""
+    from distill_llm.prune.importance import greedy_removal
+    from distill_llm.prune.plan import top
+
+    table = {
+        (0,): 7.9, (1,): 4.02, (2,): 3.97, (3,): 3.95,
+        (0, 1): 8.2, (0, 2): 7.4, (0, 3): 7.0, (1, 2): 4.297, (1, 3): 4.230, (2, 3): 4.304,
+    }  # fmt: skip
+    calls = []
+
+    def loss_without(layers):
+        calls.append(sorted(layers))
+        return table[tuple(sorted(layers))]
+
+    assert greedy_removal(loss_without, 4, 2) == [(3, 3.95), (1, 4.230)]
+    assert calls == [[0], [1], [2], [3], [0, 3], [1, 3], [2, 3]]  # 4 + 3 passes
+    singles = torch.tensor([table[(i,)] for i in range(4)])
+    assert top(singles, 2) == [0, 1]
+    # ties go to the lower index, as in plan.top
+    assert greedy_removal(lambda layers: 1.0, 3, 2) == [(0, 1.0), (1, 1.0)]
+
+
 # -- tensor parallel -------------------------------------------------------------------------------
 def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
     tp1 = tmp_path / "tp1"
-    record = _prune(gqa, tp1, SMALL_TP2)
+    record = _prune(gqa, tp1, SMALL_TP2, depth_method="iterative_lm_loss")
     worker_train = dict(TRAIN, steps=2, val_every=0, val_batches=1, log_every=1)
     run_worker(
         tmp_path,
         [
             dict(op="prune", teacher=gqa, output_dir=str(tmp_path / "tp2"), target=SMALL_TP2,
-                 train=TRAIN, calibration_batches=2, parallel=dict(tensor_parallel=2)),
+                 train=TRAIN, calibration_batches=2, parallel=dict(tensor_parallel=2),
+                 depth_method="iterative_lm_loss"),
             dict(op="logits", checkpoint=str(tp1), tensor_parallel=2,
                  out=str(tmp_path / "tp1_at_tp2.pt")),
             dict(op="distill", teacher=gqa, student_checkpoint=str(tmp_path / "tp2"),
@@ -361,7 +391,10 @@ def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
     scales, scales_tp2 = record["kept"].pop("norm_scales"), at_tp2["kept"].pop("norm_scales")
     assert at_tp2["kept"] == record["kept"]
     assert scales_tp2 == pytest.approx(scales, rel=1e-6)
-    assert at_tp2["layer_scores"] == pytest.approx(record["layer_scores"], rel=1e-5)
+    assert at_tp2["layer_scores"] == record["layer_scores"]  # removal rounds
+    [removal], [removal_tp2] = record["removals"], at_tp2["removals"]
+    assert removal_tp2["layer"] == removal["layer"]
+    assert removal_tp2["lm_loss"] == pytest.approx(removal["lm_loss"], rel=1e-5)
     one, two = _state(tp1), _state(tmp_path / "tp2")
     assert sorted(one) == sorted(two)
     for name, t in one.items():

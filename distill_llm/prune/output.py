@@ -5,7 +5,8 @@ directory appears complete or not at all.
 prune.json: the teacher (path and architecture), the target as given, the pruned architecture,
 the depth method, the calibration (batches, samples, seq_length, seed, the teacher's LM loss on
 them), the layer scores of the depth method (None when no layer is dropped), the block
-importance of every layer, and the kept indices (`prune.plan.PrunePlan`, teacher numbering)
+importance of every layer, "iterative_lm_loss"'s removals in order with the LM loss after each
+(else None), and the kept indices (`prune.plan.PrunePlan`, teacher numbering)
 with the RMSNorm weight factors (`norm_scales`): enough to redo the slicing without this
 package.
 """
@@ -50,6 +51,11 @@ def record(
         "calibration": {**calibration, "teacher_loss": scores.calibration_loss},
         "layer_scores": scores.layers(depth_method).tolist() if dropped else None,
         "block_importance": scores.block_importance.tolist(),
+        "removals": (
+            None
+            if scores.removals is None
+            else [{"layer": layer, "lm_loss": loss} for layer, loss in scores.removals]
+        ),
         "kept": plan.to_dict(),
     }
 
