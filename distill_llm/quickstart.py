@@ -81,6 +81,9 @@ class QuickstartConfig:
     devices: int = 2  # torchrun processes (data parallel)
     seeds: List[int] = field(default_factory=lambda: [1234])
     calibration_batches: int = 16  # global batches pruning scores importance on
+    # layers removed one at a time, each time the cheapest given those gone: on this teacher
+    # ranking single layers keeps [0, 1], whose joint removal costs more (prune.importance)
+    depth_method: str = "iterative_lm_loss"
 
 
 def small() -> QuickstartConfig:
@@ -345,7 +348,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             api.prune, teacher=str(teacher_dir / "final"), output_dir=str(out / tag / "pruned"),
             target=pruned_shape(cfg.teacher, cfg.student), data=c["data"],
             train=c["train"](cfg.student_steps), calibration_batches=cfg.calibration_batches,
-            parallel=c["parallel"],
+            depth_method=cfg.depth_method, parallel=c["parallel"],
         )), ("pruned_kd_student", run.Partial(
             api.distill, teacher=str(teacher_dir / "final"),
             student_checkpoint=str(out / tag / "pruned"),

@@ -12,6 +12,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
+# The two longest files (a small quickstart, a shortened example: 2-3 minutes each) are
+# collected first: with two files at a time (`make test`), collected last they would end the
+# run alone on one worker while the other idles.
+LONGEST_FIRST = ("test_quickstart.py", "test_smollm2_example.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest as is
+
+
 # A tiny teacher and a smaller student that share a 1000-token vocabulary (padded to 1024).
 TEACHER = dict(
     num_layers=2,
