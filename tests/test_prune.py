@@ -366,6 +366,26 @@ def test_greedy_removal_finds_the_pair_that_single_rankings_miss():
     assert greedy_removal(lambda layers: 1.0, 3, 2) == [(0, 1.0), (1, 1.0)]
 
 
+def test_data_parallel_removes_the_same_layers_in_the_same_order(trained_mha, tmp_path):
+    """Two data-parallel ranks share the calibration batches and sum their losses: every round
+    of greedy removal decides as one process does, and the result is the one-process result."""
+    target = dict(num_layers=2)
+    record = _prune(trained_mha, tmp_path / "dp1", target, depth_method="iterative_lm_loss")
+    run_worker(
+        tmp_path,
+        [dict(op="prune", teacher=trained_mha, output_dir=str(tmp_path / "dp2"), target=target,
+              train=TRAIN, calibration_batches=2, depth_method="iterative_lm_loss")],
+        nproc=2,
+    )  # fmt: skip
+    at_dp2 = json.loads((tmp_path / "dp2/prune.json").read_text())
+    assert [r["layer"] for r in record["removals"]][0] == IDENTITY
+    assert at_dp2["kept"] == record["kept"] and at_dp2["layer_scores"] == record["layer_scores"]
+    for one, two in zip(record["removals"], at_dp2["removals"], strict=True):
+        # float32 loss sums added in another order: relative rounding ~1e-7 per addition
+        assert two["layer"] == one["layer"]
+        assert two["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5)
+
+
 # -- tensor parallel -------------------------------------------------------------------------------
 def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
     tp1 = tmp_path / "tp1"
