@@ -31,7 +31,7 @@ from distill_llm.formats.hf.io import export_checkpoint
 from distill_llm.formats.nemo import io as nemo_io
 from distill_llm.kd import offline
 from distill_llm.kd.config import KDConfig
-from distill_llm.prune import importance, output, shape, slicing
+from distill_llm.prune import importance, output, rotation, shape, slicing
 from distill_llm.prune import plan as prune_plan
 from distill_llm.prune.shape import PruneTarget
 
@@ -366,6 +366,7 @@ def prune(
     depth_method: str = "lm_loss",
     parallel: Optional[ParallelConfig] = None,
     rescale_norms: bool = True,
+    hidden_method: str = "activation",
 ) -> dict:
     """Cut a smaller model out of `teacher` (Minitron-style structured pruning) and write it to
     `output_dir` as a checkpoint that `distill(student_checkpoint=...)`, `export_hf` and every
@@ -386,6 +387,13 @@ def prune(
     RMSNorm's weight is multiplied by the calibration ratio of its input's root mean square over
     the kept channels to that over all (`prune.plan.norm_scales`), so the pruned model's
     normalised activations keep the teacher's scale (quickstart: 0.09 nats lower start loss).
+    `hidden_method`: how hidden channels are chosen. "activation" (Minitron): the teacher's
+    channels with the highest activation scores. "pca" (SliceGPT's rotation, our addition;
+    RMSNorm teachers with an untied output layer): the residual stream is first rotated, an
+    exact change of basis, so that its first channels are the principal components of the
+    stream as the kept layers read it, and those are kept (`prune.rotation`; the rotation is
+    written as rotation.pt). On the quickstart's teacher (hidden 256 -> 64) it starts the
+    pruned student at 4.86 instead of 6.12.
 
     Tensor and data parallel as in `distill` (the importance is gathered over TP ranks and
     summed over DP ranks: the result is the TP=1 result); pipeline parallel and mixture-of-
@@ -398,6 +406,7 @@ def prune(
         teacher, output_dir, target=target, data=data, train=train, parallel=parallel,
         calibration_batches=calibration_batches, depth_method=depth_method,
         world_size=dist.world_size_from_env(), rescale_norms=rescale_norms,
+        hidden_method=hidden_method,
     )  # fmt: skip
     out = Path(output_dir)
     scratch = out.with_name(f".{out.name}.calibration")  # megatron's data index caches
@@ -411,11 +420,25 @@ def prune(
         model = paths.load_on_layout(teacher, teacher_cfg, parallel, role="teacher")
         calibration = dataclasses.replace(train, steps=calibration_batches)
         data_module = _data_module(data, source, calibration, dp_size, scratch)
-        batches = itertools.islice(
-            data_module.train_batches(0), calibration_batches * data_module.plan.num_microbatches
+        batches = list(
+            itertools.islice(
+                data_module.train_batches(0),
+                calibration_batches * data_module.plan.num_microbatches,
+            )
         )
         drop = teacher_cfg.num_layers - student_cfg.num_layers
         scores = importance.collect(model, teacher_cfg, batches, depth_method, drop)
+        axes = None
+        if hidden_method == "pca" and student_cfg.hidden_size < teacher_cfg.hidden_size:
+            layers = prune_plan.kept_layers(scores, teacher_cfg, student_cfg, depth_method)
+            axes, variances = rotation.principal_axes(model, teacher_cfg, batches, layers)
+            rotation.rotate_(model, teacher_cfg, axes)
+            # the norms' inputs on the rotated teacher (their factors) and, as hidden scores,
+            # the variances of the rotated channels (descending: the first ones are kept)
+            rotated = importance.collect(model, teacher_cfg, batches, depth_method, 0)
+            scores = dataclasses.replace(
+                scores, hidden=variances.float(), norm_inputs=rotated.norm_inputs
+            )
         kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method, rescale_norms)]
         if torch.distributed.get_world_size() > 1:  # one decision, whatever the float noise
             torch.distributed.broadcast_object_list(kept, src=0)
@@ -423,12 +446,14 @@ def prune(
         slicing.fill(student, model, kept[0], teacher_cfg)
         content = output.record(
             teacher=teacher, teacher_cfg=teacher_cfg, target=target, student_cfg=student_cfg,
-            depth_method=depth_method, scores=scores, plan=kept[0],
+            depth_method=depth_method, scores=scores, plan=kept[0], hidden_method=hidden_method,
+            rotated=axes is not None,
             calibration={"batches": calibration_batches, "seq_length": train.seq_length,
                          "samples": calibration_batches * train.global_batch_size,
                          "seed": train.seed},
         )  # fmt: skip
-        output.write(out, student, student_cfg, content, output.tokenizer_metadata(teacher, data))
+        output.write(out, student, student_cfg, content, output.tokenizer_metadata(teacher, data),
+                     rotation=axes)  # fmt: skip
     finally:
         if dist.is_main():
             shutil.rmtree(scratch, ignore_errors=True)

@@ -32,7 +32,7 @@ from distill_llm.formats.nemo.io import check_output as check_nemo_output
 from distill_llm.kd import offline, teacher_cache
 from distill_llm.kd.config import KDConfig
 from distill_llm.prune import shape
-from distill_llm.prune.importance import DEPTH_METHODS
+from distill_llm.prune.importance import DEPTH_METHODS, HIDDEN_METHODS
 
 _LAST_STAGE_MODULES = ("decoder.final_layernorm", "output_layer")
 
@@ -401,6 +401,7 @@ def check_prune(
     world_size: int,
     local_files: bool = True,
     rescale_norms: bool = True,
+    hidden_method: str = "activation",
 ):
     """Every refusal `prune` makes before it starts; returns (teacher architecture, pruned
     architecture, data config with its tokenizer defaulted, checked data blend, data-parallel
@@ -412,6 +413,10 @@ def check_prune(
     if depth_method not in DEPTH_METHODS:
         raise ConfigError(
             f"depth_method {depth_method!r} is unknown; choose one of {', '.join(DEPTH_METHODS)}"
+        )
+    if hidden_method not in HIDDEN_METHODS:
+        raise ConfigError(
+            f"hidden_method {hidden_method!r} is unknown; choose one of {', '.join(HIDDEN_METHODS)}"
         )
     if isinstance(calibration_batches, bool) or not (
         isinstance(calibration_batches, int) and calibration_batches >= 1
@@ -432,6 +437,17 @@ def check_prune(
         )
     check_model(teacher_cfg, parallel, train.seq_length, "teacher")
     check_expert_parallel([teacher_cfg], parallel)
+    if hidden_method == "pca" and teacher_cfg.normalization != "RMSNorm":
+        raise ConfigError(
+            f"hidden_method='pca' needs an RMSNorm teacher (this one has "
+            f"{teacher_cfg.normalization}); use hidden_method='activation'"
+        )
+    if hidden_method == "pca" and teacher_cfg.tie_embeddings:
+        raise ConfigError(
+            "hidden_method='pca' needs an untied output layer (the final norm's weight is "
+            "folded into it) and this teacher ties it to the embedding; use "
+            "hidden_method='activation'"
+        )
     student = shape.resolve(teacher_cfg, target, parallel.tensor_parallel)
     data = default_data_tokenizer(data, teacher)
     check_same_tokenizer({"teacher": teacher, "data.tokenizer": data.tokenizer})

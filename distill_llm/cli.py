@@ -209,6 +209,7 @@ def preflight(task, executor) -> None:
             calibration_batches=given["calibration_batches"],
             depth_method=given["depth_method"], world_size=_world_size(executor),
             local_files=False, rescale_norms=given["rescale_norms"],
+            hidden_method=given["hidden_method"],
         )  # fmt: skip
         return
     common = {

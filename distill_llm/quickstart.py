@@ -84,6 +84,9 @@ class QuickstartConfig:
     # layers removed one at a time, each time the cheapest given those gone: on this teacher
     # ranking single layers keeps [0, 1], whose joint removal costs more (prune.importance)
     depth_method: str = "iterative_lm_loss"
+    # hidden 256 -> 64 keeps 83% of the stream's principal directions but few of its channels:
+    # the rotated cut starts the pruned student at 4.86 instead of 6.12 (seed 1234)
+    hidden_method: str = "pca"
 
 
 def small() -> QuickstartConfig:
@@ -348,7 +351,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             api.prune, teacher=str(teacher_dir / "final"), output_dir=str(out / tag / "pruned"),
             target=pruned_shape(cfg.teacher, cfg.student), data=c["data"],
             train=c["train"](cfg.student_steps), calibration_batches=cfg.calibration_batches,
-            depth_method=cfg.depth_method, parallel=c["parallel"],
+            depth_method=cfg.depth_method, hidden_method=cfg.hidden_method,
+            parallel=c["parallel"],
         )), ("pruned_kd_student", run.Partial(
             api.distill, teacher=str(teacher_dir / "final"),
             student_checkpoint=str(out / tag / "pruned"),

@@ -48,11 +48,12 @@ def recipe(
     output_dir: str = "runs/tiny/pruned",
     calibration_batches: int = 16,
     depth_method: str = "lm_loss",
+    hidden_method: str = "activation",
 ) -> run.Partial:
     """The tiny teacher at `teacher` pruned to `tiny_student_shape`, importance from
     `calibration_batches` batches of the `tiny` recipe's training stream (mock data, 8 x 128
     tokens each); layers ranked by `depth_method` ("lm_loss", "block_importance" or
-    "iterative_lm_loss")."""
+    "iterative_lm_loss"); hidden channels by `hidden_method` ("activation" or "pca")."""
     return run.Partial(
         prune,
         teacher=teacher,
@@ -62,6 +63,7 @@ def recipe(
         train=tiny.train_config(steps=30),
         calibration_batches=calibration_batches,
         depth_method=depth_method,
+        hidden_method=hidden_method,
         parallel=training.layout(),
     )
 

@@ -172,9 +172,8 @@ def _hf_teacher(path, family: str) -> None:
     train_bpe_tokenizer(str(corpus), str(path), vocab_size=300)
 
 
-def _hf_sliced(teacher, kept: dict) -> dict:
-    """The HF teacher's tensors cut to `kept` (prune.json's), in plain torch."""
-    full = load_file(Path(teacher) / "model.safetensors")
+def _hf_sliced(full: dict, kept: dict) -> dict:
+    """HF tensors `full` (the teacher's) cut to `kept` (prune.json's), in plain torch."""
     hid = torch.tensor(kept["hidden"])
     d = HF["hidden_size"] // HF["num_attention_heads"]
 
@@ -203,6 +202,45 @@ def _hf_sliced(teacher, kept: dict) -> dict:
     return out
 
 
+def _hf_small_logits(family: str, sliced: dict) -> torch.Tensor:
+    """transformers' logits of a `SMALL`-shaped HF model of `family` with tensors `sliced`."""
+    settings = {**HF, **FAMILIES[family], "num_hidden_layers": 2, "hidden_size": 48,
+                "intermediate_size": 56, "num_attention_heads": 3, "num_key_value_heads": 3,
+                "head_dim": 8}  # fmt: skip
+    cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    reference = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    missing, unexpected = reference.load_state_dict(sliced, strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
+    reference.tie_weights()
+    with torch.no_grad():
+        return reference(_tokens(cfg.vocab_size)).logits
+
+
+def _hf_rotated(full: dict, q: torch.Tensor) -> dict:
+    """A Llama's HF tensors with every RMSNorm weight folded into the projections that read
+    its output and the residual stream rotated by `q` (x -> q^T x), in float64 then float32:
+    the SliceGPT change of basis, written out independently of prune.rotation."""
+    full, q = {k: v.double() for k, v in full.items()}, q.double()
+    out = dict(full)
+    layers = {int(k.split(".")[2]) for k in full if k.startswith("model.layers.")}
+    for i in layers:
+        t = f"model.layers.{i}."
+        for norm, readers in (
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ):
+            g = full[f"{t}{norm}.weight"]
+            for r in readers:
+                out[f"{t}{r}.weight"] = full[f"{t}{r}.weight"] * g @ q
+            out[f"{t}{norm}.weight"] = torch.ones_like(g)
+        for w in ("self_attn.o_proj", "mlp.down_proj"):
+            out[f"{t}{w}.weight"] = q.T @ full[f"{t}{w}.weight"]
+    out["lm_head.weight"] = full["lm_head.weight"] * full["model.norm.weight"] @ q
+    out["model.norm.weight"] = torch.ones_like(full["model.norm.weight"])
+    out["model.embed_tokens.weight"] = full["model.embed_tokens.weight"] @ q
+    return {k: v.float() for k, v in out.items()}
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pruned_model_is_the_hf_teacher_sliced_in_plain_torch(family, tmp_path):
     _hf_teacher(tmp_path / "hf", family)
@@ -214,18 +252,8 @@ def test_pruned_model_is_the_hf_teacher_sliced_in_plain_torch(family, tmp_path):
     # every kept group keeps one of its two heads: the heads are not just the first ones
     assert all(h // 2 == g for hs, gs in zip(kept["heads"], kept["query_groups"])
                for h, g in zip(hs, gs))  # fmt: skip
-    sliced = _hf_sliced(tmp_path / "hf", kept)
-    settings = {**HF, **FAMILIES[family], "num_hidden_layers": 2, "hidden_size": 48,
-                "intermediate_size": 56, "num_attention_heads": 3, "num_key_value_heads": 3,
-                "head_dim": 8}  # fmt: skip
-    cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
-    reference = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    missing, unexpected = reference.load_state_dict(sliced, strict=False)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    reference.tie_weights()
-    with torch.no_grad():
-        expected = reference(_tokens(cfg.vocab_size)).logits
-    diff = (_logits(tmp_path / "pruned") - expected).abs().max().item()
+    sliced = _hf_sliced(load_file(tmp_path / "hf/model.safetensors"), kept)
+    diff = (_logits(tmp_path / "pruned") - _hf_small_logits(family, sliced)).abs().max().item()
     print(f"{family}: max |logit difference| pruned vs HF sliced {diff:.2e}")
     assert diff <= 1e-5, diff
     # the pruned checkpoint exports to HF as exactly that slice, with the teacher's tokenizer
@@ -239,6 +267,29 @@ def test_pruned_model_is_the_hf_teacher_sliced_in_plain_torch(family, tmp_path):
     assert config["model_type"] == family and config["head_dim"] == 8
     assert (tmp_path / "export/tokenizer.json").is_file()
     assert paths.tokenizer_dir_of(str(tmp_path / "pruned")) == str((tmp_path / "hf").resolve())
+
+
+def test_pca_pruned_model_is_the_rotated_hf_teacher_sliced_in_plain_torch(tmp_path):
+    _hf_teacher(tmp_path / "hf", "llama")
+    record = _prune(tmp_path / "hf", tmp_path / "pruned", SMALL, hidden_method="pca")
+    kept = record["kept"]
+    assert record["hidden_method"] == "pca" and kept["hidden"] == list(range(48))
+    assert 0.75 < record["rotation_energy"] < 1
+    q = torch.load(tmp_path / "pruned" / record["rotation"], weights_only=True)
+    assert torch.allclose(q.double() @ q.double().T, torch.eye(64, dtype=torch.float64), atol=1e-6)
+    full = load_file(tmp_path / "hf/model.safetensors")
+    sliced = _hf_sliced(_hf_rotated(full, q), kept)
+    diff = (_logits(tmp_path / "pruned") - _hf_small_logits("llama", sliced)).abs().max().item()
+    print(f"pca: max |logit difference| pruned vs HF rotated and sliced {diff:.2e}")
+    assert diff <= 1e-5, diff
+    # the rotation alone changes nothing: the rotated teacher's logits are the teacher's
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = _tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        before = hf(tokens).logits
+        hf.load_state_dict(_hf_rotated(full, q))
+        after = hf(tokens).logits
+    assert (after - before).abs().max().item() <= 1e-5
 
 
 def test_a_nemo_teacher_prunes_and_its_tokenizer_travels(tmp_path):
@@ -295,6 +346,37 @@ def test_planted_groups_neurons_channels_and_identity_layer_go_first(tmp_path):
         assert kept["ffn"][j] == [n for n in range(128) if n not in DEAD_NEURONS[i]]
     scores = record["layer_scores"]
     assert scores[IDENTITY] < 1e-6 < min(s for i, s in enumerate(scores) if i != IDENTITY)
+
+
+def test_a_stream_in_a_planted_subspace_is_cut_to_it_by_pca_unchanged(tmp_path):
+    # every tensor that writes the residual stream writes into one random 40-dimensional
+    # subspace, so the stream never leaves it: rotated onto its principal axes, the last 24
+    # channels are zero and cutting them loses nothing (the norms' factors, sqrt(64 / 40) each,
+    # restore the root mean square over 40 channels to that over 64; epsilon ~0 so that holds
+    # to rounding). Minitron's channel scores cannot find a subspace that is not channels.
+    cfg = dataclasses.replace(GQA, norm_epsilon=1e-12)
+    basis, _ = torch.linalg.qr(torch.randn(64, 40, generator=torch.Generator().manual_seed(5)))
+    inside = basis @ basis.T
+
+    def plant(model):
+        model.embedding.word_embeddings.weight.copy_(
+            model.embedding.word_embeddings.weight @ inside
+        )
+        for layer in model.decoder.layers:
+            for linear in (layer.self_attention.linear_proj, layer.mlp.linear_fc2):
+                linear.weight.copy_(inside @ linear.weight)
+
+    teacher = _save(tmp_path / "teacher", cfg, plant)
+    pca = _prune(teacher, tmp_path / "pca", dict(hidden_size=40), hidden_method="pca")
+    assert pca["rotation_energy"] == pytest.approx(1, abs=1e-9)
+    assert pca["kept"]["norm_scales"] == pytest.approx([(64 / 40) ** 0.5] * 7, rel=1e-6)
+    expected = _logits(teacher)
+    diff = (_logits(tmp_path / "pca") - expected).abs().max().item()
+    _prune(teacher, tmp_path / "channels", dict(hidden_size=40))
+    off = (_logits(tmp_path / "channels") - expected).abs().max().item()
+    print(f"max |logit difference| to the teacher: pca {diff:.2e}, activation {off:.2e}")
+    assert diff <= 1e-5, diff
+    assert off > 0.1, off
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +484,9 @@ def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
             dict(op="distill", teacher=gqa, student_checkpoint=str(tmp_path / "tp2"),
                  output_dir=str(tmp_path / "run"), train=worker_train,
                  parallel=dict(tensor_parallel=2)),
+            dict(op="prune", teacher=gqa, output_dir=str(tmp_path / "tp2_pca"), target=SMALL_TP2,
+                 train=TRAIN, calibration_batches=2, parallel=dict(tensor_parallel=2),
+                 depth_method="iterative_lm_loss", hidden_method="pca"),
         ],
         nproc=2,
     )  # fmt: skip
@@ -425,6 +510,17 @@ def test_tp2_keeps_the_same_units_loads_at_tp2_and_distils(gqa, tmp_path):
     diff = (torch.load(tmp_path / "tp1_at_tp2.pt") - _logits(tp1)).abs().max().item()
     assert diff <= 1e-5, diff
     assert (tmp_path / "run/final/distill_llm.json").is_file()
+    # pca at TP=2: the same units and rotation (from sums TP=2 rounds otherwise), so the same
+    # model up to that rounding
+    pca = _prune(gqa, tmp_path / "tp1_pca", SMALL_TP2, depth_method="iterative_lm_loss",
+                 hidden_method="pca")  # fmt: skip
+    pca_tp2 = json.loads((tmp_path / "tp2_pca/prune.json").read_text())
+    pca["kept"].pop("norm_scales"), pca_tp2["kept"].pop("norm_scales")
+    assert pca_tp2["kept"] == pca["kept"] and pca_tp2["rotation"] == "rotation.pt"
+    rotations = [torch.load(tmp_path / d / "rotation.pt") for d in ("tp1_pca", "tp2_pca")]
+    torch.testing.assert_close(rotations[1], rotations[0], rtol=0, atol=1e-5)
+    diff = (_logits(tmp_path / "tp2_pca") - _logits(tmp_path / "tp1_pca")).abs().max().item()
+    assert diff <= 1e-5, diff
 
 
 # -- refusals and the budget search ----------------------------------------------------------------
@@ -449,6 +545,9 @@ def _fake_checkpoint(path, cfg: dl.ModelConfig) -> str:
         ("4B", {}, "budget 4,000,000,000 parameters is larger than the teacher's"),
         ("lots", {}, "target 'lots' is neither a shape nor a parameter budget"),
         ({}, {"depth_method": "random"}, "depth_method 'random' is unknown"),
+        ({}, {"hidden_method": "svd"}, "hidden_method 'svd' is unknown"),
+        ({}, {"hidden_method": "pca", "tied": True}, "hidden_method='pca' needs an untied"),
+        ({}, {"hidden_method": "pca", "layernorm": True}, "hidden_method='pca' needs an RMSNorm"),
         ({}, {"rescale_norms": "yes"}, "rescale_norms must be True or False, got 'yes'"),
         ({}, {"pp": 2}, "prune runs with pipeline_parallel=1"),
         ({}, {"moe": True}, "pruning a mixture-of-experts teacher is not supported"),
@@ -459,7 +558,8 @@ def test_bad_targets_are_refused_in_one_line_with_nothing_written(
     gqa, tmp_path, monkeypatch, target, extra, message
 ):
     teacher, out = gqa, tmp_path / "out"
-    kw = {"depth_method": extra.get("depth_method", "lm_loss"), "train": dl.TrainConfig(**TRAIN)}
+    kw = {"depth_method": extra.get("depth_method", "lm_loss"), "train": dl.TrainConfig(**TRAIN),
+          "hidden_method": extra.get("hidden_method", "activation")}  # fmt: skip
     if "tp" in extra or "pp" in extra:
         monkeypatch.setenv("WORLD_SIZE", "2")
         kw["parallel"] = dl.ParallelConfig(tensor_parallel=extra.get("tp", 1),
@@ -468,13 +568,19 @@ def test_bad_targets_are_refused_in_one_line_with_nothing_written(
         kw["rescale_norms"] = extra["rescale_norms"]
     if extra.get("moe"):
         teacher = _fake_checkpoint(tmp_path / "moe", dataclasses.replace(GQA, num_experts=4))
+    if extra.get("tied"):
+        teacher = _fake_checkpoint(tmp_path / "moe", dataclasses.replace(GQA, tie_embeddings=True))
+    if extra.get("layernorm"):
+        layernorm = dataclasses.replace(GQA, normalization="LayerNorm")
+        teacher = _fake_checkpoint(tmp_path / "moe", layernorm)
     if extra.get("exists"):
         out.mkdir()
     with pytest.raises(ConfigError) as err:
         dl.prune(teacher, str(out), target, **kw)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        (["out"] if extra.get("exists") else []) + (["moe"] if extra.get("moe") else [])
+        (["out"] if extra.get("exists") else [])
+        + (["moe"] if {"moe", "tied", "layernorm"} & set(extra) else [])
     )
 
 

@@ -45,6 +45,9 @@ from distill_llm.engine import parallel
 from distill_llm.engine.model import ModelConfig
 
 DEPTH_METHODS = ("lm_loss", "block_importance", "iterative_lm_loss")
+# hidden channels: "activation" (Minitron's scores above) or "pca" (principal components of
+# the rotated residual stream, `prune.rotation`)
+HIDDEN_METHODS = ("activation", "pca")
 
 
 @dataclass
@@ -168,7 +171,7 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _without_layer(layer):
+def without_layer(layer):
     """`layer` passes its input through (its output is its input) inside the block."""
 
     def identity(*args, hidden_states=None, context=None, **kwargs):
@@ -181,7 +184,7 @@ def _without_layer(layer):
         del layer.forward
 
 
-def _loss_sums(model, batches: List[dict], device) -> torch.Tensor:
+def loss_sums(model, batches: List[dict], device) -> torch.Tensor:
     """[LM loss summed over the calibration tokens, their number] on this rank."""
     total = torch.zeros(2, device=device)
     for batch in batches:
@@ -213,8 +216,8 @@ def _iterative(model, batches: List[dict], device, num_layers: int, drop: int, b
     def loss_without(layers: Sequence[int]) -> float:
         with contextlib.ExitStack() as stack:
             for i in layers:
-                stack.enter_context(_without_layer(model.decoder.layers[i]))
-            total = _dp_sum(_loss_sums(model, batches, device)).cpu()
+                stack.enter_context(without_layer(model.decoder.layers[i]))
+            total = dp_sum(loss_sums(model, batches, device)).cpu()
         if bar is not None:
             bar.update(len(batches))
         return float(total[0] / total[1])
@@ -226,7 +229,7 @@ def _iterative(model, batches: List[dict], device, num_layers: int, drop: int, b
     return scores, removals
 
 
-def _dp_sum(t: torch.Tensor) -> torch.Tensor:
+def dp_sum(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over the data-parallel ranks (every rank gets the sum)."""
     from megatron.core import parallel_state
 
@@ -277,7 +280,7 @@ def collect(
     model.eval()
     recorder = _Recorder(model, cfg, device)
     try:
-        base = _loss_sums(model, batches, device)
+        base = loss_sums(model, batches, device)
     finally:
         recorder.remove()
     if bar is not None:
@@ -288,29 +291,29 @@ def collect(
     elif extra:
         without = torch.zeros(cfg.num_layers, 2, device=device)
         for i, layer in enumerate(model.decoder.layers):
-            with _without_layer(layer):
-                without[i] = _loss_sums(model, batches, device)
+            with without_layer(layer):
+                without[i] = loss_sums(model, batches, device)
             if bar is not None:
                 bar.update(len(batches))
     if bar is not None:
         bar.close()
     model.train(was_training)
-    count = _dp_sum(torch.tensor([float(len(batches))], device=device))
-    base = _dp_sum(base).cpu()
-    heads = _dp_sum(_tp_gather(torch.stack(recorder.heads))).cpu()
+    count = dp_sum(torch.tensor([float(len(batches))], device=device))
+    base = dp_sum(base).cpu()
+    heads = dp_sum(_tp_gather(torch.stack(recorder.heads))).cpu()
     heads = heads.sqrt().view(cfg.num_layers, cfg.num_attention_heads, cfg.head_dim).norm(dim=-1)
     lm_loss = None
     if without is not None:
-        without = _dp_sum(without).cpu()
+        without = dp_sum(without).cpu()
         lm_loss = without[:, 0] / without[:, 1]
     return Scores(
-        hidden=_dp_sum(recorder.hidden).cpu().sqrt().sum(dim=0),
+        hidden=dp_sum(recorder.hidden).cpu().sqrt().sum(dim=0),
         heads=heads,
-        ffn=_dp_sum(_tp_gather(torch.stack(recorder.ffn))).cpu().sqrt(),
-        block_importance=(_dp_sum(recorder.block) / count).cpu(),
+        ffn=dp_sum(_tp_gather(torch.stack(recorder.ffn))).cpu().sqrt(),
+        block_importance=(dp_sum(recorder.block) / count).cpu(),
         lm_loss=lm_loss,
         calibration_loss=float(base[0] / base[1]),
-        norm_inputs=_dp_sum(recorder.norm_inputs).cpu(),
+        norm_inputs=dp_sum(recorder.norm_inputs).cpu(),
         iterative=iterative,
         removals=removals,
     )

@@ -6,15 +6,20 @@ prune.json: the teacher (path and architecture), the target as given, the pruned
 the depth method, the calibration (batches, samples, seq_length, seed, the teacher's LM loss on
 them), the layer scores of the depth method (None when no layer is dropped), the block
 importance of every layer, "iterative_lm_loss"'s removals in order with the LM loss after each
-(else None), and the kept indices (`prune.plan.PrunePlan`, teacher numbering)
-with the RMSNorm weight factors (`norm_scales`): enough to redo the slicing without this
-package.
+(else None), the hidden method, and the kept indices (`prune.plan.PrunePlan`, teacher
+numbering) with the RMSNorm weight factors (`norm_scales`): enough to redo the slicing without
+this package. With `hidden_method="pca"` the hidden channels are those of the rotated teacher
+(`prune.rotation`: norm weights folded into the linear layers that read them, the stream
+rotated by the matrix saved as rotation.pt, whose first `hidden_size` channels are kept), and
+`rotation_energy` is the share of the calibration directions those channels carry.
 """
 
 import json
 import os
 import shutil
 from pathlib import Path
+
+import torch
 
 from distill_llm.data.datasets import DataConfig
 from distill_llm.engine import checkpoint, parallel
@@ -24,6 +29,7 @@ from distill_llm.formats.hf.io import export_settings
 from distill_llm.prune import shape
 from distill_llm.prune.importance import Scores
 from distill_llm.prune.plan import PrunePlan
+from distill_llm.prune.rotation import ROTATION_FILE, energy
 
 RECORD_FILE = "prune.json"
 
@@ -38,9 +44,12 @@ def record(
     calibration: dict,
     scores: Scores,
     plan: PrunePlan,
+    hidden_method: str = "activation",
+    rotated: bool = False,
 ) -> dict:
     """prune.json's content (see the module docstring); `calibration`: batches, samples,
-    seq_length and seed of the calibration data."""
+    seq_length and seed of the calibration data; `rotated`: the teacher's stream was rotated
+    (`hidden_method="pca"` with fewer hidden channels), its channel variances in `scores.hidden`."""
     dropped = student_cfg.num_layers < teacher_cfg.num_layers
     return {
         "teacher": str(Path(teacher).resolve()),
@@ -56,6 +65,9 @@ def record(
             if scores.removals is None
             else [{"layer": layer, "lm_loss": loss} for layer, loss in scores.removals]
         ),
+        "hidden_method": hidden_method,
+        "rotation": ROTATION_FILE if rotated else None,
+        "rotation_energy": energy(scores.hidden, student_cfg.hidden_size) if rotated else None,
         "kept": plan.to_dict(),
     }
 
@@ -75,9 +87,11 @@ def tokenizer_metadata(teacher: str, data: DataConfig) -> dict:
     return {HF_META_KEY: found}
 
 
-def write(out, model, cfg: ModelConfig, content: dict, metadata: dict) -> None:
+def write(out, model, cfg: ModelConfig, content: dict, metadata: dict, rotation=None) -> None:
     """Save `model` (this rank's shard of the pruned GPTModel for `cfg`, every rank calls) with
-    `metadata` in its distill_llm.json and `content` as prune.json into `out`, atomically."""
+    `metadata` in its distill_llm.json, `content` as prune.json and the `rotation` `[h, h]`
+    (if any) as rotation.pt (a bare tensor: `torch.load(..., weights_only=True)`) into `out`,
+    atomically."""
     out = Path(out)
     staging = out.with_name(f".{out.name}.tmp")
     if parallel.is_main():
@@ -88,6 +102,8 @@ def write(out, model, cfg: ModelConfig, content: dict, metadata: dict) -> None:
                               **metadata)  # fmt: skip
         if parallel.is_main():
             (staging / RECORD_FILE).write_text(json.dumps(content, indent=2))
+            if rotation is not None:
+                torch.save(rotation.float().contiguous(), staging / ROTATION_FILE)
             os.replace(staging, out)
     finally:
         if parallel.is_main():

@@ -5,7 +5,9 @@ student keeps the teacher's order of layers, channels, groups and heads (pruning
 teacher's own shape is the identity). Ties go to the lower index.
   - layers: the `student.num_layers` highest depth scores (all when the depth is kept).
   - hidden: the `student.hidden_size` highest hidden-channel scores, one set for the whole
-    model (the residual stream, embeddings, every norm and the output layer share it).
+    model (the residual stream, embeddings, every norm and the output layer share it). With
+    `hidden_method="pca"` the scores are the eigenvalues of the rotated teacher's channels
+    (`prune.rotation`), in descending order, so the first channels are kept.
   - per kept layer: the `student.query_groups` highest-scored query groups (a kept group keeps
     its key and value head); within each kept group its `heads per group` highest-scored heads
     (every group the same count); the `student.ffn_hidden_size` highest-scored FFN neurons.
@@ -64,6 +66,15 @@ def norm_scales(norm_inputs: torch.Tensor, hidden: List[int], layers: List[int])
     return (m[:, kept].mean(dim=1) / m.mean(dim=1)).sqrt().tolist()
 
 
+def kept_layers(
+    scores: Scores, teacher: ModelConfig, student: ModelConfig, depth_method: str
+) -> List[int]:
+    """The teacher layers the student keeps: the `student.num_layers` highest depth scores."""
+    if student.num_layers < teacher.num_layers:
+        return top(scores.layers(depth_method), student.num_layers)
+    return list(range(teacher.num_layers))
+
+
 def choose(
     scores: Scores,
     teacher: ModelConfig,
@@ -74,9 +85,7 @@ def choose(
     """The units of `teacher` that `student`'s shape keeps, by `scores` (see module docstring)."""
     per_group = teacher.num_attention_heads // teacher.query_groups
     keep_per_group = student.num_attention_heads // student.query_groups
-    layers = list(range(teacher.num_layers))
-    if student.num_layers < teacher.num_layers:
-        layers = top(scores.layers(depth_method), student.num_layers)
+    layers = kept_layers(scores, teacher, student, depth_method)
     group_scores = scores.groups(teacher)
     groups, heads, ffn = [], [], []
     for i in layers:
