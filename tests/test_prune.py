@@ -348,34 +348,49 @@ def test_planted_groups_neurons_channels_and_identity_layer_go_first(tmp_path):
     assert scores[IDENTITY] < 1e-6 < min(s for i, s in enumerate(scores) if i != IDENTITY)
 
 
-def test_a_stream_in_a_planted_subspace_is_cut_to_it_by_pca_unchanged(tmp_path):
+# RMSNorm with every other tensor that writes the stream: learned positions, biases on the
+# output projections; and QK norm, GELU, multi-head attention
+RMS_BIASED = dataclasses.replace(GPT2_LIKE, normalization="RMSNorm", tie_embeddings=False)
+
+
+@pytest.mark.parametrize("base", [GQA, RMS_BIASED], ids=["gqa", "biases_positions"])
+def test_a_stream_in_a_planted_subspace_is_cut_to_it_by_pca_unchanged(base, tmp_path):
     # every tensor that writes the residual stream writes into one random 40-dimensional
     # subspace, so the stream never leaves it: rotated onto its principal axes, the last 24
     # channels are zero and cutting them loses nothing (the norms' factors, sqrt(64 / 40) each,
     # restore the root mean square over 40 channels to that over 64; epsilon ~0 so that holds
     # to rounding). Minitron's channel scores cannot find a subspace that is not channels.
-    cfg = dataclasses.replace(GQA, norm_epsilon=1e-12)
+    cfg = dataclasses.replace(base, norm_epsilon=1e-12)
     basis, _ = torch.linalg.qr(torch.randn(64, 40, generator=torch.Generator().manual_seed(5)))
     inside = basis @ basis.T
 
     def plant(model):
-        model.embedding.word_embeddings.weight.copy_(
-            model.embedding.word_embeddings.weight @ inside
-        )
+        embeddings = [model.embedding.word_embeddings.weight]
+        if cfg.position_embedding == "learned_absolute":
+            embeddings.append(model.embedding.position_embeddings.weight)
+        for e in embeddings:
+            e.copy_(e @ inside)
         for layer in model.decoder.layers:
             for linear in (layer.self_attention.linear_proj, layer.mlp.linear_fc2):
                 linear.weight.copy_(inside @ linear.weight)
+                if cfg.add_bias_linear:
+                    linear.bias.copy_(
+                        inside @ torch.randn(64, generator=torch.Generator().manual_seed(6))
+                    )
 
     teacher = _save(tmp_path / "teacher", cfg, plant)
     pca = _prune(teacher, tmp_path / "pca", dict(hidden_size=40), hidden_method="pca")
     assert pca["rotation_energy"] == pytest.approx(1, abs=1e-9)
-    assert pca["kept"]["norm_scales"] == pytest.approx([(64 / 40) ** 0.5] * 7, rel=1e-6)
+    scales = [(64 / 40) ** 0.5] * (2 * cfg.num_layers + 1)
+    assert pca["kept"]["norm_scales"] == pytest.approx(scales, rel=1e-6)
     expected = _logits(teacher)
     diff = (_logits(tmp_path / "pca") - expected).abs().max().item()
     _prune(teacher, tmp_path / "channels", dict(hidden_size=40))
     off = (_logits(tmp_path / "channels") - expected).abs().max().item()
     print(f"max |logit difference| to the teacher: pca {diff:.2e}, activation {off:.2e}")
-    assert diff <= 1e-5, diff
+    # float32 weights rounded after a float64 rotation (~6e-8 relative each) through three
+    # layers: a few 1e-6 here (3e-6 measured)
+    assert diff <= 2e-5, diff
     assert off > 0.1, off
 
 
