@@ -14,7 +14,8 @@ so that the ~15 s start-up of a launch is paid twice rather than five times):
  2. a byte-level BPE tokenizer trained on the train split; both splits preprocessed into one
     indexed dataset (train documents first, the split string cuts exactly between them);
  3. teacher pretraining; 4. KD of the student; 5. the baseline student (`pretrain`);
- 6. the teacher pruned to the student's shape (`prune`, calibrated on the first training
+ 6. the teacher pruned to the student's shape (`prune`: its hidden channels cut from the
+    rotated residual stream, `hidden_method="pca"`; calibrated on the first training
     batches), then distilled exactly as the KD student (same steps, data, batch and loss);
  7. held-out LM loss, perplexity and KL to the teacher of all four; a table,
     `results.json` and `loss_curves.png`.
