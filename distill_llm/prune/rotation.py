@@ -38,32 +38,24 @@ from distill_llm.prune import importance
 ROTATION_FILE = "rotation.pt"  # Q `[h, h]` float32: teacher channel i -> rotated channel j
 
 
-def _norm_readers(model, layer_index: int) -> List[Tuple[str, str]]:
-    """(norm weight, reading linear weight) parameter names of one layer, for the local spec
-    (separate norm modules) and TransformerEngine's (norms fused into the linear layers)."""
+def _norm_sites(model, layer_index: int) -> List[Tuple[str, str, torch.nn.Module, bool]]:
+    """Layer `layer_index`'s two norms, each as (norm weight name, the name of the linear weight
+    that reads it, the module whose input is the stream there, hook before its forward?): for
+    the local spec (separate norm modules: hook the norm's forward) and TransformerEngine's
+    (norms fused into the linear layers: hook before the linear)."""
     layer = model.decoder.layers[layer_index]
     pre = f"decoder.layers.{layer_index}."
-    pairs = []
+    sites = []
     for norm, linear in (
         ("input_layernorm", "self_attention.linear_qkv"),
         ("pre_mlp_layernorm", "mlp.linear_fc1"),
     ):
-        fused = getattr(layer.get_submodule(linear), "layer_norm_weight", None) is not None
+        reader = layer.get_submodule(linear)
+        fused = getattr(reader, "layer_norm_weight", None) is not None
         weight = f"{pre}{linear}.layer_norm_weight" if fused else f"{pre}{norm}.weight"
-        pairs.append((weight, f"{pre}{linear}.weight"))
-    return pairs
-
-
-def _reads(model, layer_index: int):
-    """The modules whose input is the stream as layer `layer_index`'s two norms read it, and
-    whether to hook before (fused norm: the linear's input) or after (the norm's input)."""
-    layer = model.decoder.layers[layer_index]
-    for norm, linear in (
-        (layer.input_layernorm, layer.self_attention.linear_qkv),
-        (layer.pre_mlp_layernorm, layer.mlp.linear_fc1),
-    ):
-        fused = getattr(linear, "layer_norm_weight", None) is not None
-        yield (linear, True) if fused else (norm, False)
+        module = reader if fused else layer.get_submodule(norm)
+        sites.append((weight, f"{pre}{linear}.weight", module, fused))
+    return sites
 
 
 @torch.no_grad()
@@ -87,7 +79,7 @@ def principal_axes(
 
     handles = []
     for i in layers:
-        for module, before in _reads(model, i):
+        for _, _, module, before in _norm_sites(model, i):
             if before:
                 handles.append(module.register_forward_pre_hook(lambda m, a: add(a[0])))
             else:
@@ -142,7 +134,7 @@ def rotate_(model, cfg: ModelConfig, q: torch.Tensor) -> None:
         params[norm].fill_(1.0)
 
     for i in range(cfg.num_layers):
-        for norm, reader in _norm_readers(model, i):
+        for norm, reader, _, _ in _norm_sites(model, i):
             fold_and_read(norm, reader)
         pre = f"decoder.layers.{i}."
         for writer in ("self_attention.linear_proj", "mlp.linear_fc2"):
