@@ -430,14 +430,8 @@ def prune(
         scores = importance.collect(model, teacher_cfg, batches, depth_method, drop)
         axes = None
         if hidden_method == "pca" and student_cfg.hidden_size < teacher_cfg.hidden_size:
-            layers = prune_plan.kept_layers(scores, teacher_cfg, student_cfg, depth_method)
-            axes, variances = rotation.principal_axes(model, teacher_cfg, batches, layers)
-            rotation.rotate_(model, teacher_cfg, axes)
-            # the norms' inputs on the rotated teacher (their factors) and, as hidden scores,
-            # the variances of the rotated channels (descending: the first ones are kept)
-            rotated = importance.collect(model, teacher_cfg, batches, depth_method, 0)
-            scores = dataclasses.replace(
-                scores, hidden=variances.float(), norm_inputs=rotated.norm_inputs
+            scores, axes = rotation.rotate_teacher(
+                model, teacher_cfg, student_cfg, batches, scores, depth_method
             )
         kept = [prune_plan.choose(scores, teacher_cfg, student_cfg, depth_method, rescale_norms)]
         if torch.distributed.get_world_size() > 1:  # one decision, whatever the float noise

@@ -28,12 +28,14 @@ channel, row-parallel ones every output channel).
 """
 
 import contextlib
+import dataclasses
 from typing import List, Sequence, Tuple
 
 import torch
 
 from distill_llm.engine.model import ModelConfig
 from distill_llm.prune import importance
+from distill_llm.prune.plan import kept_layers
 
 ROTATION_FILE = "rotation.pt"  # Q `[h, h]` float32: teacher channel i -> rotated channel j
 
@@ -145,3 +147,24 @@ def rotate_(model, cfg: ModelConfig, q: torch.Tensor) -> None:
     for name in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight"):
         if name in params:
             rewrite(name, lambda e: e @ q)
+
+
+def rotate_teacher(
+    model,
+    teacher: ModelConfig,
+    student: ModelConfig,
+    batches: Sequence[dict],
+    scores: importance.Scores,
+    depth_method: str,
+) -> Tuple[importance.Scores, torch.Tensor]:
+    """Rotate `model` (this rank's shard of `teacher`) onto the principal axes of the stream as
+    the layers `student` keeps (by `scores` and `depth_method`) read it, in place, and return
+    the scores for `plan.choose` with Q `[h, h]`: as hidden scores the variances of the
+    rotated channels (descending: the first ones are kept), and the norms' inputs measured
+    again on the rotated teacher (their factors, `plan.norm_scales`)."""
+    layers = kept_layers(scores, teacher, student, depth_method)
+    axes, variances = principal_axes(model, teacher, batches, layers)
+    rotate_(model, teacher, axes)
+    rotated = importance.collect(model, teacher, batches, depth_method, 0)
+    scores = dataclasses.replace(scores, hidden=variances.float(), norm_inputs=rotated.norm_inputs)
+    return scores, axes
