@@ -22,15 +22,20 @@ products by operand shapes with their GFLOP/s (the same shapes at different rate
 difference, or noise). `--one-process` instead builds every variant in this one process and
 profiles one step of each in turn: the comparison between implementations then does not depend
 on which minutes each ran in (this machine's speed drifts by up to 20%), and all run under the
-engine's allocator settings, so the table compares the operators' work alone.
+engine's allocator settings, so the table compares the operators' work alone; it then times as
+many unprofiled steps of each, in turns, by the clock (the "wall clock" row). With `distill`,
+`pretrain` and `teacher_forward` among the variants it prints the KD step over their sum (issue
+16's "ideal") by operators' time and by wall clock, all in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -157,7 +162,17 @@ def profile_together(names: list[str], out: Path, steps: int, warmup: int, threa
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             variants[name].step()
         tallies[name].add(prof, 1)
-    return [tallies[n].result() for n in names]
+    # Then the same number of steps unprofiled, in turns, timed by the clock: the wall time of
+    # each variant with every variant's models resident in the one process
+    walls: dict[str, list[float]] = {n: [] for n in names}
+    for _, name in pv.in_turns(names, steps):
+        start = time.perf_counter()
+        variants[name].step()
+        walls[name].append(time.perf_counter() - start)
+    results = [tallies[n].result() for n in names]
+    for r in results:
+        r["wall_ms_per_step"] = 1e3 * statistics.median(walls[r["variant"]])
+    return results
 
 
 def profile_in_child(name: str, args) -> dict:
@@ -207,7 +222,15 @@ def main() -> None:
     for g in GROUPS + ("total",):
         cells = [r["total_ms_per_step"] if g == "total" else r["ms_per_step"][g] for r in results]
         print(f"{g:<14}" + "".join(f"{c:>14.1f}" for c in cells))
+    if all("wall_ms_per_step" in r for r in results):
+        print(f"{'wall clock':<14}" + "".join(f"{r['wall_ms_per_step']:>14.1f}" for r in results))
     by = {r["variant"]: r for r in results}
+    ideal = ("distill", "pretrain", "teacher_forward")
+    if all(n in by for n in ideal):
+        for key, what in (("total_ms_per_step", "operators' time"), ("wall_ms_per_step", "wall")):
+            if key in by["distill"]:
+                ratio = by["distill"][key] / (by["pretrain"][key] + by["teacher_forward"][key])
+                print(f"KD step / (student step + teacher forward), {what}: {ratio:.3f}")
     if "distill" in by:
         gemm = by["distill"]["ms_per_step"]["gemm"]
         for peer in ("modelopt_hf", "plain_kd"):
