@@ -58,6 +58,7 @@ bench: setup
 	$(PY) bench/kd_step_memory.py
 	$(PY) bench/moe_step.py
 	$(PY) bench/peers.py
+	$(PY) bench/kd_loss_parts.py
 	@test -d runs/quickstart/seed1234/teacher/final || $(PY) -m distill_llm.quickstart
 	$(PY) bench/offline_teacher.py
 
