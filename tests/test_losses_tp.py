@@ -82,6 +82,9 @@ def _worker(rank: int, port: int) -> None:
                     _close(s.grad, s_auto.grad, f"{what}: gradient vs autograd with the group")
                     assert torch.count_nonzero(s.grad[grad_rows == 0]) == 0, what
         _cross_entropies(rank, group, student, shard)
+        # both ranks done before either tears its connections down: a gloo rank whose peer has
+        # already gone can abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -246,6 +246,7 @@ def _tp_worker(rank, port, out_dir):
         teacher, student = _logits()
         group = dist.new_group([0, 1])
         torch.save(_tp_results(student, teacher, group, rank, 2, 2.0), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears its gloo connections down
     finally:
         dist.destroy_process_group()
 
