@@ -289,7 +289,9 @@ def test_different_tokenizers_are_refused_before_anything_runs(tmp_path):
 def test_lm_loss_is_over_the_real_vocabulary_at_tp1_and_tp2(tmp_path):
     """A 384-id vocabulary is not padded at TP=1 and padded to 512 at TP=2; the LM loss we
     train, validate and evaluate on (plain GPT, and the KD wrapper's student, plain and fused)
-    is transformers' cross entropy at both: Megatron's padding rows take no probability."""
+    is transformers' cross entropy at both: Megatron's padding rows take no probability. The
+    KD wrapper's training forward with grad ("ride") has its logged LM loss written by the KD
+    loss's chunks."""
     hf_dir = tmp_path / "hf"
     settings = {**BASE, **FAMILIES["llama"], "vocab_size": 384}
     cfg = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
@@ -299,8 +301,10 @@ def test_lm_loss_is_over_the_real_vocabulary_at_tp1_and_tp2(tmp_path):
     for tp in (1, 2):
         ops[tp] = [
             dict(op="lm_loss", checkpoint=str(hf_dir), tensor_parallel=tp, kd=kd, training=train,
-                 out=str(tmp_path / f"tp{tp}_{kd}_{train}.pt"))
-            for kd, train in ((None, False), ("plain", True), ("plain", False), ("fused", True))
+                 out=str(tmp_path / f"tp{tp}_{kd}_{train}_{grad}.pt"), with_grad=grad)
+            for kd, train, grad in ((None, False, False), ("plain", True, False),
+                                    ("plain", False, False), ("fused", True, False),
+                                    ("plain", True, True))
         ]  # fmt: skip
     run_worker(tmp_path, ops[1])
     run_worker(tmp_path, ops[2], nproc=2)
@@ -313,3 +317,4 @@ def test_lm_loss_is_over_the_real_vocabulary_at_tp1_and_tp2(tmp_path):
             logits.flatten(0, 1), got["labels"].flatten(), reduction="none"
         ).view_as(got["labels"])
         torch.testing.assert_close(got["loss"], want, rtol=0, atol=1e-5, msg=str(op))
+        assert got["deferred"] == op["with_grad"], op

@@ -10,8 +10,7 @@ from distill_llm.engine import parallel
 from distill_llm.engine.model import ModelConfig, build_gpt
 from distill_llm.kd import config as kd
 from distill_llm.kd import wrapper
-from distill_llm.kd.criterion import masked_sum
-from distill_llm.kd.losses import KINDS
+from distill_llm.kd.losses import CLOSED_FORMS, KINDS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,8 +100,14 @@ def test_kd_loss_matches_plain_torch(skip_lm_loss, training, temperature, kind, 
     )
     model.train(training)
     per_token = model(tokens, pos, None, labels=labels)
-    lm_sum = masked_sum(per_token, mask)
-    terms = wrapper.kd_loss_terms(model, lm_sum, mask)
+    # The logged LM loss rides on the KD loss's chunks where it can (closed forms at T=1 over
+    # chunks of logits): the model returns it unwritten, and the KD loss writes it.
+    rides = variant == "chunked" and skip_lm_loss and temperature == 1 and kind in CLOSED_FORMS
+    assert model.kd_criterion.lm_deferred == rides
+    assert bool(torch.isnan(per_token).all()) == rides
+    terms = wrapper.kd_loss_terms(model, per_token, mask)
+    assert not model.kd_criterion.lm_deferred
+    lm_sum = terms["lm"]
     n = mask.sum()
     torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)
     # The LM loss is computed (and logged) in every mode, and is the true CE.
@@ -130,8 +135,7 @@ def test_static_mixing_weights_lm_and_kd(alpha):
     )
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    lm_sum = masked_sum(per_token, mask)
-    terms = wrapper.kd_loss_terms(model, lm_sum, mask)
+    terms = wrapper.kd_loss_terms(model, per_token, mask)
     n = mask.sum()
     want_total = (1 - alpha) * want_ce + alpha * want_kd
     torch.testing.assert_close(terms["total"].double() / n, want_total, rtol=0, atol=1e-5)
@@ -152,7 +156,7 @@ def test_unguarded_cross_entropy_would_corrupt_the_kd_loss():
     model.compute_language_model_loss = type(model).compute_language_model_loss.__get__(model)
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, per_token, mask)
     assert abs(terms["logits"].item() / mask.sum().item() - want_kd.item()) > 1e-3
 
 
@@ -165,7 +169,7 @@ def test_intermediate_pairs_are_logged_and_validated():
     )
     model.train()
     per_token = model(tokens, pos, None, labels=labels)
-    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, per_token, mask)
     assert terms["intermediate"].item() > 0
     # cosine loss is at most 2 per token
     assert terms["intermediate"].item() / mask.sum().item() <= 2.0
@@ -206,7 +210,7 @@ def test_different_vocab_sizes_use_the_shared_vocabulary(kind, fused):
     if fused:  # the student's output layer hands on hidden states: no logits are made
         assert model.output_layer(torch.zeros(3, 2, 32))[0].shape == (3, 2, 32)
     per_token = model(tokens, pos, None, labels=labels)
-    terms = wrapper.kd_loss_terms(model, masked_sum(per_token, mask), mask)
+    terms = wrapper.kd_loss_terms(model, per_token, mask)
     n = mask.sum()
     if kind == "forward_kl":
         torch.testing.assert_close(terms["logits"].double() / n, want_kd, rtol=0, atol=1e-5)

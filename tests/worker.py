@@ -144,7 +144,9 @@ def _attention_paths(op: dict) -> None:
 def _lm_loss(op: dict) -> None:
     """The per-token LM loss [b, s] the engine trains and validates on, for the model at
     op["checkpoint"] on op["tensor_parallel"] ranks: the plain GPT's (`pretrain`, `evaluate`'s
-    model) or, with op["kd"] ("plain" or "fused"), the distillation wrapper's student."""
+    model) or, with op["kd"] ("plain" or "fused"), the distillation wrapper's student; with
+    op["with_grad"] (and "plain"), from a forward with grad whose KD loss then runs, and with
+    "deferred" saying whether the KD loss wrote the LM loss."""
     from distill_llm.engine import parallel
     from distill_llm.engine.model import build_gpt
     from distill_llm.formats import paths
@@ -168,10 +170,20 @@ def _lm_loss(op: dict) -> None:
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
     labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
     positions = torch.arange(16).expand(2, 16)
-    with torch.no_grad():
+    deferred = False
+    if op.get("kd") == "plain" and op.get("with_grad"):
+        # a training forward with the default KD config: the logged LM loss is written by the
+        # KD loss's chunks (wrapper._guarded_lm_loss), so the KD loss runs too
         per_token = model(tokens, positions, None, labels=labels)
+        deferred = model.kd_criterion.lm_deferred
+        wrapper.kd_loss_terms(model, per_token, torch.ones(2, 16))
+        per_token = per_token.detach()
+    else:
+        with torch.no_grad():
+            per_token = model(tokens, positions, None, labels=labels)
     if parallel.is_main():
-        torch.save({"tokens": tokens, "labels": labels, "loss": per_token.clone()}, op["out"])
+        torch.save({"tokens": tokens, "labels": labels, "loss": per_token.clone(),
+                    "deferred": deferred}, op["out"])  # fmt: skip
 
 
 def main(spec_path: str) -> None:

@@ -102,10 +102,13 @@ class LiveLogits:
         rows `s` and teacher rows `t_rows`, both `[n, V/TP]`."""
         return losses.per_position(kd.kind, s, t_rows, kd.temperature, kd.beta, group)
 
-    def rows_and_grad(self, kd: KDConfig, s, t_rows, group, out=None):
+    def rows_and_grad(self, kd: KDConfig, s, t_rows, group, out=None, lm=None):
         """`rows` `[n]` and the gradient of their sum with respect to `s` (`[n, V/TP]`, in `s`'s
-        dtype), in closed form for forward and reverse KL, written into `out` where it can."""
-        return losses._rows_and_grad(kd.kind, s, t_rows, kd.temperature, kd.beta, None, group, out)
+        dtype), in closed form for forward and reverse KL, written into `out` where it can;
+        with `lm` (labels `[n]`, out `[n]`), the student's cross entropy too."""
+        return losses._rows_and_grad(
+            kd.kind, s, t_rows, kd.temperature, kd.beta, None, group, out, lm
+        )
 
 
 class CachedTopK:
@@ -133,9 +136,10 @@ class CachedTopK:
         )  # fmt: skip
         return value / tp_rank_size(group)[1]
 
-    def rows_and_grad(self, kd: KDConfig, s, cache_rows, group, out=None):
+    def rows_and_grad(self, kd: KDConfig, s, cache_rows, group, out=None, lm=None):
         """`rows` `[n]` and, by autograd, the gradient of their sum with respect to `s`
-        (`[n, V/TP]`, in `s`'s dtype; `out` unused, the caller copies it there)."""
+        (`[n, V/TP]`, in `s`'s dtype; `out` unused, the caller copies it there; `lm` unused:
+        the cache's LM loss never rides along)."""
         return losses.autograd_rows_and_grad(lambda _, z: self.rows(kd, z, cache_rows, group))(
             None, s
         )
@@ -155,6 +159,31 @@ class KDCriterion:
     def __init__(self, kd: KDConfig, shared_vocab: int):
         self.kd = kd
         self.shared_vocab = shared_vocab
+        self._lm = None  # (labels [n], out [n]): the logged LM loss the next per_token fills
+
+    # -- the logged LM loss, read off the KD loss's chunks -------------------------------------
+    def can_fill_lm(self, student_vocab: int) -> bool:
+        """Whether `per_token` can write the student's LM loss as it goes, when that loss is only
+        logged: the closed-form kinds at T = 1 over chunks of logits (they form the student's
+        log-probabilities over its whole real vocabulary, `student_vocab`, anyway), which saves
+        the separate cross-entropy pass over the logits (~1% of a KD step on CPU,
+        bench/kd_loss_parts.py)."""
+        kd = self.kd
+        return (
+            kd.kind in losses.CLOSED_FORMS and kd.temperature == 1 and bool(kd.chunk_size)
+            and not kd.fused_output_layer and not kd.lm_in_gradient
+            and self.shared_vocab == student_vocab
+        )  # fmt: skip
+
+    def defer_lm(self, labels: torch.Tensor, out: torch.Tensor) -> None:
+        """Have the next `per_token` write the cross entropy of `labels` (`[n]`, global ids, the
+        positions flattened as the logits' leading dims) into `out` (`[n]` float32)."""
+        self._lm = (labels, out)
+
+    @property
+    def lm_deferred(self) -> bool:
+        """Whether a deferred LM loss still waits for `per_token`."""
+        return self._lm is not None
 
     def per_token(self, student: torch.Tensor, source, group=None) -> torch.Tensor:
         """This rank's share of the divergence at each position, times `kd.scale` (T^2):
@@ -163,12 +192,26 @@ class KDCriterion:
         a time (`losses.chunked_rows`), or all at once when it is None."""
         kd = self.kd
         group = group if tp_rank_size(group)[1] > 1 else None
+        lm, self._lm = self._lm, None
         student, teacher_rows = source.prepare(student, self.shared_vocab, group)
+        rides = (
+            lm is not None and isinstance(source, LiveLogits) and bool(kd.chunk_size)
+            and torch.is_grad_enabled() and student.requires_grad
+        )  # fmt: skip
+        if lm is not None and not rides:  # its own pass, over the same (prepared) logits
+            lm[1].copy_(
+                losses.logits_cross_entropy(student.detach(), lm[0], group, kd.chunk_size or 256)
+            )
         if kd.chunk_size:
+
+            def rows_and_grad(p, s, out):
+                along = (lm[0][p], lm[1][p]) if rides else None
+                return source.rows_and_grad(kd, s, _take(teacher_rows, p), group, out, along)
+
             rows = losses.chunked_rows(
                 student,
                 lambda p, s: source.rows(kd, s, _take(teacher_rows, p), group),
-                lambda p, s, out: source.rows_and_grad(kd, s, _take(teacher_rows, p), group, out),
+                rows_and_grad,
                 kd.chunk_size,
             )
         else:

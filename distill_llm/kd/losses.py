@@ -42,6 +42,7 @@ from distill_llm.engine.model import EXCLUDED_LOGIT
 from distill_llm.errors import ConfigError
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
+CLOSED_FORMS = ("forward_kl", "reverse_kl")  # kinds whose chunk gradient needs no autograd
 LOG_PROB_FLOOR = -100.0
 
 
@@ -113,7 +114,9 @@ def _sharded(group) -> bool:
     return group is not None and torch.distributed.get_world_size(group) > 1
 
 
-def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, group=None, out=None):
+def _rows_and_grad(
+    kind, s, t, temperature: float, beta: float, weights=None, group=None, out=None, lm=None
+):
     """Per-row divergence of a chunk `[c, vocab]` (this rank's shard part with a TP `group`)
     and the gradient of sum(weights * rows) with respect to `s`, in `s`'s dtype (weights 1
     when None). `out`: a `[c, vocab]` the forward KL writes its float32 gradient into (no copy
@@ -123,10 +126,18 @@ def _rows_and_grad(kind, s, t, temperature: float, beta: float, weights=None, gr
     Forward and reverse KL use their closed forms in place, with about four chunk-sized
     temporaries; JSD and TVD differentiate the chunk by autograd (whose backward all-reduces
     the normalisers' gradients, on every rank in the same order).
+    `lm`: (labels `[c]`, out `[c]`) to also write the student's cross entropy of `labels` into
+    `out`, read off the log-probabilities the closed forms make anyway (`CLOSED_FORMS` at
+    T = 1 only: they are the student's own log-probabilities then).
     """
-    if kind in ("forward_kl", "reverse_kl"):
+    if lm is not None and (kind not in CLOSED_FORMS or temperature != 1):
+        raise ValueError("the LM loss rides along only with a closed form at temperature 1")
+    if kind in CLOSED_FORMS:
         with torch.no_grad():
             log_ps = log_softmax(_scaled(s, temperature), group)
+            if lm is not None:
+                labels, ce = lm
+                ce.copy_(target_values(log_ps, labels, group).neg_())
             log_pt = log_softmax(_scaled(t, temperature), group)
             if kind == "forward_kl":  # d/dz sum p_t (log p_t - log p_s) = p_s - p_t, z = s / T
                 p_t = log_pt.exp()
@@ -471,23 +482,31 @@ def fused_per_position(
     )
 
 
-def _cross_entropy_chunks(chunk_logits, n: int, labels, local: int, group, chunk_size: int):
+def target_values(z: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
+    """`z[i, labels[i]]` for rows `z` `[c, local]` (this rank's vocabulary shard under a TP
+    `group`, starting at rank x local) and global ids `labels` `[c]`: each id lives on one
+    rank, which gives its value; the others give 0, and the group adds them up."""
+    local = z.shape[-1]
+    start = torch.distributed.get_rank(group) * local if _sharded(group) else 0
+    ids = labels - start
+    here = (ids >= 0) & (ids < local)
+    picked = z.gather(-1, ids.clamp(0, local - 1)[:, None])[:, 0]
+    picked = torch.where(here, picked, torch.zeros_like(picked))
+    if _sharded(group):
+        torch.distributed.all_reduce(picked, group=group)
+    return picked
+
+
+def _cross_entropy_chunks(chunk_logits, n: int, labels, group, chunk_size: int):
     """THE chunked cross entropy (no gradient): `chunk_logits(piece)` gives float32 logits
     `[len(piece), local]` of this rank's vocabulary shard, padding already excluded; `labels`
     `[n]` are global ids. Returns `[n]` float32."""
     y = labels.reshape(-1)
-    start = torch.distributed.get_rank(group) * local if _sharded(group) else 0
     out = torch.empty(n, dtype=torch.float32, device=labels.device)
     for i in range(0, n, chunk_size):
         piece = slice(i, i + chunk_size)
         z = chunk_logits(piece)
-        ids = y[piece] - start
-        here = (ids >= 0) & (ids < local)
-        picked = z.gather(-1, ids.clamp(0, local - 1)[:, None])[:, 0]
-        picked = torch.where(here, picked, torch.zeros_like(picked))
-        if _sharded(group):  # the target's logit lives on one rank
-            torch.distributed.all_reduce(picked, group=group)
-        out[piece] = _log_normaliser(z, group) - picked
+        out[piece] = _log_normaliser(z, group) - target_values(z, y[piece], group)
     return out
 
 
@@ -527,7 +546,7 @@ def chunked_cross_entropy(
     real = _real_in_shard(weight.shape[0], vocab_limit, group)
     out = _cross_entropy_chunks(
         lambda piece: _chunk_logits(h2[piece], weight, real),
-        h2.shape[0], labels, weight.shape[0], group, chunk_size,
+        h2.shape[0], labels, group, chunk_size,
     )  # fmt: skip
     return out.view(labels.shape)
 
@@ -556,5 +575,5 @@ def logits_cross_entropy(
         z = z2[piece].float()
         return z if padding is None else z.masked_fill(padding, EXCLUDED_LOGIT)
 
-    out = _cross_entropy_chunks(chunk_logits, z2.shape[0], labels, local, group, chunk_size)
+    out = _cross_entropy_chunks(chunk_logits, z2.shape[0], labels, group, chunk_size)
     return out.view(labels.shape)

@@ -81,7 +81,7 @@ def _fuse_output_layer(student, chunk_size: int):
     return lm_loss_from_hidden
 
 
-def _guarded_lm_loss(kd: KDConfig, real: int):
+def _guarded_lm_loss(kd: KDConfig, real: int, criterion: KDCriterion):
     """The student's `compute_language_model_loss`, made safe for distillation.
 
     megatron's `vocab_parallel_cross_entropy` overwrites its logits argument in place, and its
@@ -91,12 +91,20 @@ def _guarded_lm_loss(kd: KDConfig, real: int):
     chunk by chunk without touching the logits (`losses.logits_cross_entropy`: no full copy);
     when it trains, megatron's CE gets its own copy. Either way it is over the `real`
     vocabulary (engine.model.lm_loss), not Megatron's padding rows.
+    In a training forward whose KD loss can write it (`KDCriterion.can_fill_lm`: the default
+    forward KL among them), the logged loss is left to the KD loss's chunks: the tensor
+    returned is filled when the KD loss runs, which `OnlineTeacher.terms` waits for.
     """
     chunk = kd.chunk_size or FUSED_CHUNK
+    fill_later = criterion.can_fill_lm(real)
 
     def compute_language_model_loss(self, labels, logits):  # logits [s, b, V/TP] -> [b, s]
         if kd.lm_in_gradient and torch.is_grad_enabled():
             return lm_loss(self, labels, logits, copy=True)
+        if fill_later and torch.is_grad_enabled() and logits.requires_grad:
+            out = torch.full(labels.shape[::-1], float("nan"), device=logits.device)  # [s, b]
+            criterion.defer_lm(labels.transpose(0, 1).reshape(-1), out.view(-1))
+            return out.transpose(0, 1)
         ce = losses.logits_cross_entropy(
             logits.detach(), labels.transpose(0, 1), _tp_group(), chunk, real
         )
@@ -170,7 +178,7 @@ def build_distillation_model(student, teacher, kd: KDConfig):
     if kd.fused_output_layer and getattr(student, "post_process", True):
         lm_loss_fn = _fuse_output_layer(student, kd.chunk_size or FUSED_CHUNK)
     else:
-        lm_loss_fn = _guarded_lm_loss(kd, real_vocab(student))
+        lm_loss_fn = _guarded_lm_loss(kd, real_vocab(student), criterion)
     model.compute_language_model_loss = MethodType(lm_loss_fn, model)
     model.kd_criterion = criterion
     return model
@@ -187,8 +195,7 @@ class OnlineTeacher:
 
     def terms(self, lm_per_token: torch.Tensor, batch: dict, training: bool) -> dict:
         """Token sums of this micro-batch: `lm`, `logits`, `intermediate` and `total`."""
-        lm_sum = masked_sum(lm_per_token, batch["loss_mask"])
-        return {"lm": lm_sum, **kd_loss_terms(self.model, lm_sum, batch["loss_mask"])}
+        return kd_loss_terms(self.model, lm_per_token, batch["loss_mask"])
 
     def student_only(self):
         """A context in which the wrapped model saves as the student alone."""
@@ -204,11 +211,11 @@ class OnlineTeacher:
         )
 
 
-def kd_loss_terms(model, lm_sum: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """KD losses of the last forward of the wrapped `model`, each summed over unmasked tokens of
-    this micro-batch (`loss_mask` [b, s]) and mixed with the student's LM token sum `lm_sum`
-    by the criterion's balancer. Returns `total` (what is backpropagated), `logits` and
-    `intermediate` (scalars)."""
+def kd_loss_terms(model, lm_per_token: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+    """The losses of the last forward of the wrapped `model`, each summed over unmasked tokens
+    of this micro-batch (`loss_mask` [b, s]): `lm` (the student's LM loss, from its per-token
+    `lm_per_token` [b, s], the wrapped model's output), `logits` and `intermediate`, and `total`
+    (what is backpropagated), mixed by the criterion's balancer. Scalars."""
     criterion = model.kd_criterion
     group = _tp_group()
 
@@ -216,8 +223,24 @@ def kd_loss_terms(model, lm_sum: torch.Tensor, loss_mask: torch.Tensor) -> dict[
         per_token, tp_reduce, _sequence_parallel = loss
         return criterion.token_sum(per_token, loss_mask, group if tp_reduce else None)
 
+    deferred = criterion.lm_deferred
+    if deferred:
+        # The LM loss is only logged and the KD loss writes it (`_guarded_lm_loss`): the KD
+        # loss runs first, then the sum. The balancer never reads a logged-only LM loss.
+        lm_sum = lm_per_token.new_zeros(())
+    else:
+        lm_sum = masked_sum(lm_per_token, loss_mask)
     out = model.compute_kd_loss(student_loss=lm_sum, loss_reduction_fn=reduce)
+    if deferred:
+        if criterion.lm_deferred:
+            raise RuntimeError("the KD loss did not run, so the logged LM loss was never written")
+        lm_sum = masked_sum(lm_per_token, loss_mask)
     intermediate = out["intermediate_loss"]
     if not torch.is_tensor(intermediate):
         intermediate = lm_sum.new_tensor(float(intermediate))
-    return {"total": out["kd_loss"], "logits": out["logits_loss"], "intermediate": intermediate}
+    return {
+        "lm": lm_sum,
+        "total": out["kd_loss"],
+        "logits": out["logits_loss"],
+        "intermediate": intermediate,
+    }
