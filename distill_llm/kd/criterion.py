@@ -175,10 +175,11 @@ class KDCriterion:
             and self.shared_vocab == student_vocab
         )  # fmt: skip
 
-    def defer_lm(self, labels: torch.Tensor, out: torch.Tensor) -> None:
+    def defer_lm(self, labels: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
         """Have the next `per_token` write the cross entropy of `labels` (`[n]`, global ids, the
-        positions flattened as the logits' leading dims) into `out` (`[n]` float32)."""
-        self._lm = (labels, out)
+        positions flattened as the logits' leading dims) into `out` (`[n]` float32); with
+        `labels` None, forget any such request."""
+        self._lm = None if labels is None else (labels, out)
 
     @property
     def lm_deferred(self) -> bool:

@@ -93,12 +93,13 @@ def _guarded_lm_loss(kd: KDConfig, real: int, criterion: KDCriterion):
     vocabulary (engine.model.lm_loss), not Megatron's padding rows.
     In a training forward whose KD loss can write it (`KDCriterion.can_fill_lm`: the default
     forward KL among them), the logged loss is left to the KD loss's chunks: the tensor
-    returned is filled when the KD loss runs, which `OnlineTeacher.terms` waits for.
+    returned is filled when the KD loss runs, which `kd_loss_terms` waits for.
     """
     chunk = kd.chunk_size or FUSED_CHUNK
     fill_later = criterion.can_fill_lm(real)
 
     def compute_language_model_loss(self, labels, logits):  # logits [s, b, V/TP] -> [b, s]
+        criterion.defer_lm(None)  # a forward's own: none left over from an earlier forward
         if kd.lm_in_gradient and torch.is_grad_enabled():
             return lm_loss(self, labels, logits, copy=True)
         if fill_later and torch.is_grad_enabled() and logits.requires_grad:
