@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # would otherwise pull a multi-GB CUDA build.
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test lint bench clean quickstart docs-plot example
+.PHONY: setup test lint bench clean quickstart docs-plot docs-example example
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ docs-plot: quickstart
 	mkdir -p docs
 	cp runs/quickstart/loss_curves.png docs/quickstart_loss_curves.png
 	cp runs/quickstart/results.json docs/quickstart_results.json
+
+# the README's example figure and numbers, regenerated from a full `make example` run
+docs-example: example
+	mkdir -p docs
+	cp runs/example/loss_curves.png docs/example_loss_curves.png
+	cp runs/example/results.json docs/example_results.json
 
 bench: setup
 	$(PY) bench/step_time.py

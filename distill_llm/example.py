@@ -14,7 +14,8 @@ launch's start-up is paid once; evaluation and generation a second task, one pla
     checked), its Q4_1 GGUF dequantized once into a float32 HF directory (`smollm2`);
  2. text every Python install carries: the language reference topics of `pydoc_data` and the
     standard library's module docstrings, one document each, held out by document; tokenized
-    with the teacher's tokenizer;
+    with the teacher's tokenizer. By default the students train on 16 documents seen 3.5
+    times: a small domain corpus, the case where the teacher's targets pay most;
  3. the teacher's top-k log-probabilities over every training and validation sample
     (`cache_teacher`: its forward, the expensive part, runs once);
  4. the student: the teacher pruned (`prune`; block importance for depth, one calibration
@@ -27,7 +28,9 @@ launch's start-up is paid once; evaluation and generation a second task, one pla
  7. evaluation of the teacher (our perplexity and transformers' on the same tokens), the
     pruned start and both students; greedy continuations of the prompts from the teacher and
     the two exported students, through transformers with the chat template;
- 8. `runs/example/report.md`, `results.json` and `loss_curves.png`, with the stage times.
+ 8. `runs/example/report.md`, `results.json` and `loss_curves.png`, with the stage times,
+    the step at which the KD student reached the baseline's final held-out loss and the one
+    at which it reached the baseline's best (what early stopping would have kept).
 A second run reuses the fetched teacher and the tokenized data.
 """
 
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from distill_llm import api
-from distill_llm.data.datasets import DataConfig
+from distill_llm.data.datasets import DataConfig, inspect_prefix
 from distill_llm.engine.parallel import ParallelConfig
 from distill_llm.engine.training import OptimConfig, TrainConfig
 from distill_llm.errors import ConfigError
@@ -72,7 +75,7 @@ class ExampleConfig:
     seq_length: int = 256
     micro_batch_size: int = 2  # per process; 2 processes -> global batch 4 x 256 tokens
     global_batch_size: int = 4
-    steps: int = 20  # the KD student's and the baseline's
+    steps: int = 40  # the KD student's and the baseline's
     val_every: int = 4
     val_batches: int = 2  # global batches of held-out text per evaluation (2k tokens)
     # 1e-3 (with one warmup step) jolted the pretrained weights: the students lost 0.03-0.14
@@ -93,7 +96,14 @@ class ExampleConfig:
     calibration_batches: int = 4
     depth_method: str = "block_importance"
     valid_fraction: float = 0.1  # documents held out
-    train_documents: Optional[int] = None  # None: every training document
+    # A small domain corpus seen several times, where distillation earns its keep: 16 documents
+    # (11.6k tokens) over 40 steps are 3.5 passes. The baseline overfits after its second pass
+    # (held-out loss up from step 20) and the teacher's targets keep the KD student improving:
+    # KD reached the baseline's final loss in 2.5x fewer steps (8 documents, 8 passes: 10x, the
+    # baseline collapsing). Over all 200 documents (under one pass) KD and the LM loss recover
+    # the pruned model about equally fast: 1.0x at 20 steps, 1.25x at 40 of 2 x 256 tokens, and
+    # at 80 the baseline 0.003 nats ahead.
+    train_documents: Optional[int] = 16  # None: every training document
     max_new_tokens: int = 40
     prompts: List[str] = field(default_factory=lambda: list(PROMPTS))
     devices: int = 2
@@ -144,8 +154,10 @@ def prepare_data(cfg: ExampleConfig, tokenizer: str) -> dict:
     stamp, prefix = root / "settings.json", root / "pydoc"
     if stamp_ok(stamp, settings):
         info = json.loads((root / "info.json").read_text())
-        _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid documents)")
-        return info
+        if "train_tokens" in info:
+            _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid "
+                 "documents)")  # fmt: skip
+            return info
     shutil.rmtree(root, ignore_errors=True)
     docs = documents()
     split = {"train": [], "valid": []}
@@ -167,8 +179,10 @@ def prepare_data(cfg: ExampleConfig, tokenizer: str) -> dict:
     # train documents first: the split "n_train,n_valid,0" cuts exactly between them
     both = [str(root / "corpus/train.jsonl"), str(root / "corpus/valid.jsonl")]
     summary = preprocess(both, str(prefix), str(tokenizer), workers=1)
+    # the training documents come first in the index: their tokens, for the passes over them
+    train_tokens = int(inspect_prefix(str(prefix)).sequence_lengths[: len(split["train"])].sum())
     info = {"train": len(split["train"]), "valid": len(split["valid"]), "prefix": str(prefix),
-            "tokens": summary.tokens}  # fmt: skip
+            "tokens": summary.tokens, "train_tokens": train_tokens}  # fmt: skip
     (root / "info.json").write_text(json.dumps(info, indent=2))
     stamp.write_text(json.dumps(settings))
     return info
@@ -379,6 +393,8 @@ def summarize(cfg: ExampleConfig, info: dict, evaluation: dict, out: Path) -> di
     curves = {name: val_curve(out / name) for name in ("kd_student", "baseline_student")}
     base_final = ev["baseline_student"]["val_loss"]
     reached = first_reaching(curves["kd_student"], base_final)
+    best = early_stopped(curves["baseline_student"], curves["kd_student"])
+    tokens = cfg.steps * cfg.global_batch_size * cfg.seq_length
     ours, theirs = ev["teacher"]["val_loss"], evaluation["teacher_transformers_val_loss"]
     results = {
         "teacher": {**ev["teacher"], "name": "SmolLM2-135M-Instruct (Q4_1, dequantized)"},
@@ -390,14 +406,37 @@ def summarize(cfg: ExampleConfig, info: dict, evaluation: dict, out: Path) -> di
         "baseline_final_val_loss": base_final,
         "kd_step_reaching_baseline_final": reached,
         "speedup": (cfg.steps / reached) if reached else None,
+        **best,
         "steps": cfg.steps,
-        "tokens_per_run": cfg.steps * cfg.global_batch_size * cfg.seq_length,
+        "tokens_per_run": tokens,
+        "passes_over_train": tokens / info["train_tokens"],
         "data": info,
         "student_shape": dict(cfg.student),
         "prompts": list(cfg.prompts),
         "continuations": evaluation["continuations"],
     }
     return results
+
+
+def early_stopped(baseline_curve: list, kd_curve: list) -> dict:
+    """The baseline's best validation (what early stopping would keep) and the first step at
+    which the KD student's curve is at or below it (None: never)."""
+    step, loss = min(baseline_curve, key=lambda point: (point[1], point[0]))
+    return {
+        "baseline_best_val_loss": loss,
+        "baseline_best_step": step,
+        "kd_step_reaching_baseline_best": first_reaching(kd_curve, loss),
+    }
+
+
+def early_stopped_line(results: dict) -> str:
+    """The KD student against the baseline stopped at its best validation, in one sentence."""
+    best, at = results["baseline_best_val_loss"], results["baseline_best_step"]
+    head = f"Baseline's best val loss (early stopping): {best:.4f} at step {at}"
+    kd_at = results["kd_step_reaching_baseline_best"]
+    if kd_at is None:
+        return f"{head}; the KD student did not reach it"
+    return f"{head}; the KD student reached it at step {kd_at}"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -416,6 +455,12 @@ def plot(results: dict, path: Path) -> None:
         steps, losses = zip(*results[key]["curve"])
         ax.plot(steps, losses, marker="o", ms=3, color=color, label=label)
     ax.axhline(results["teacher"]["val_loss"], ls="--", color="gray", label="teacher")
+    final, reached = results["baseline_final_val_loss"], results["kd_step_reaching_baseline_final"]
+    ax.axhline(final, ls=":", lw=1, color="tab:orange", label="baseline's final loss")
+    if reached is not None:
+        loss = dict(results["kd_student"]["curve"])[reached]
+        ax.plot([reached], [loss], "*", ms=12, color="tab:blue",
+                label=f"KD reaches it: step {reached} of {results['steps']}")  # fmt: skip
     ax.set_xlabel("optimizer step (both students start from the same pruned weights)")
     ax.set_ylabel("held-out LM loss (nats/token)")
     ax.set_title(
@@ -447,7 +492,7 @@ def format_table(results: dict) -> str:
         r = results[key]
         rows.append(f"{key:<18}{r['params'] / 1e6:>9.1f}M{r['val_loss']:>10.4f}"
                     f"{r['val_ppl']:>10.4g}{_kl(r):>15.4f}")  # fmt: skip
-    rows += [reached_line(results), _ppl_line(results)]
+    rows += [reached_line(results), early_stopped_line(results), _ppl_line(results)]
     return "\n".join(rows)
 
 
@@ -458,7 +503,9 @@ def report(results: dict, cfg: ExampleConfig) -> str:
         f"Teacher: {results['teacher']['name']}. Student: the teacher pruned to "
         + ", ".join(f"{k}={v}" for k, v in results["student_shape"].items())
         + f"; both students trained {results['steps']} steps on the same "
-        f"{results['tokens_per_run']:,} tokens from the same pruned weights, one from the "
+        f"{results['tokens_per_run']:,} tokens ({results['passes_over_train']:.1f} passes over "
+        f"{results['data']['train_tokens']:,} training tokens) from the same pruned weights, one "
+        "from the "
         f"teacher's top-{cfg.top_k} log-probabilities, one on the LM loss alone. Held out: "
         f"{results['data']['valid']} of {results['data']['train'] + results['data']['valid']} "
         "documents (pydoc topics and standard-library module docstrings).",
@@ -474,7 +521,8 @@ def report(results: dict, cfg: ExampleConfig) -> str:
         r = results[key]
         lines.append(f"| {label} | {r['params'] / 1e6:.1f}M | {r['val_loss']:.4f} | "
                      f"{r['val_ppl']:.2f} | {_kl(r):.4f} |")  # fmt: skip
-    lines += ["", reached_line(results), "", _ppl_line(results), ""]
+    lines += ["", reached_line(results), "", early_stopped_line(results), "", _ppl_line(results)]
+    lines += [""]
     lines += ["![loss curves](loss_curves.png)", ""]
     lines += ["## Greedy continuations (chat template applied)", ""]
     cont = results["continuations"]
@@ -486,6 +534,16 @@ def report(results: dict, cfg: ExampleConfig) -> str:
     lines += ["## Wall time per stage (s)", ""]
     lines += [f"- {k}: {v}" for k, v in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _documents(text: str) -> Optional[int]:
+    """--train-documents: a count, or 'all' (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of documents or 'all', got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -503,9 +561,9 @@ def main(argv=None) -> int:
                  "seed"):  # fmt: skip
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     ap.add_argument("--lr", type=float, default=defaults.lr)
-    ap.add_argument("--train-documents", type=int, default=defaults.train_documents,
+    ap.add_argument("--train-documents", type=_documents, default=defaults.train_documents,
                     help="train on this many documents (a fixed pseudo-random pick), repeated "
-                    "as the steps need; default: %(default)s (None: all)")  # fmt: skip
+                    "as the steps need, or 'all'; default: %(default)s")  # fmt: skip
     ap.add_argument("--depth-method", default=defaults.depth_method,
                     choices=DEPTH_METHODS)  # fmt: skip
     for name, value in defaults.student.items():

@@ -58,8 +58,44 @@ def test_a_shortened_example_run(tmp_path):
     for name in ("kd_student_hf", "baseline_student_hf"):
         config = json.loads((out / name / "config.json").read_text())
         assert config["num_hidden_layers"] == 2 and config["hidden_size"] == 192
+    # the baseline stopped at its best validation, and the passes over the training tokens
+    best_step, best = min(results["baseline_student"]["curve"], key=lambda p: (p[1], p[0]))
+    assert (results["baseline_best_step"], results["baseline_best_val_loss"]) == (best_step, best)
+    train_tokens = results["data"]["train_tokens"]
+    assert 0 < train_tokens < results["data"]["tokens"]
+    assert results["passes_over_train"] == pytest.approx(4 * 2 * 64 / train_tokens)
     report = (out / "report.md").read_text()
     assert "| KD student |" in report and "What is the capital of France?" in report
+    assert "Baseline's best val loss (early stopping)" in report
     assert "Wall time per stage" in report
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "baseline, kd, expected",
+    [
+        # the baseline overfits after step 4: its best is 3.9 at step 4, reached by KD at step 4
+        ([[0, 4.5], [2, 4.0], [4, 3.9], [6, 4.1]], [[0, 4.5], [2, 3.95], [4, 3.85], [6, 3.8]],
+         (3.9, 4, 4)),
+        # a tie keeps the earlier step; KD never gets there
+        ([[0, 4.5], [2, 3.7], [4, 3.7]], [[0, 4.5], [2, 3.8], [4, 3.71]], (3.7, 2, None)),
+    ],
+)  # fmt: skip
+def test_the_baseline_stopped_at_its_best(baseline, kd, expected):
+    from distill_llm.example import early_stopped, early_stopped_line
+
+    got = early_stopped(baseline, kd)
+    assert (got["baseline_best_val_loss"], got["baseline_best_step"],
+            got["kd_step_reaching_baseline_best"]) == expected  # fmt: skip
+    line = early_stopped_line(got)
+    assert f"{expected[0]:.4f} at step {expected[1]}" in line
+    assert ("did not reach" in line) == (expected[2] is None)
+
+
+def test_train_documents_takes_a_count_or_all():
+    from distill_llm.example import _documents
+
+    assert _documents("16") == 16 and _documents("all") is None and _documents(" ALL ") is None
+    with pytest.raises(Exception, match="a number of documents or 'all', got 'x'"):
+        _documents("x")
