@@ -150,15 +150,15 @@ def prepare_data(cfg: ExampleConfig, tokenizer: str) -> dict:
     from distill_llm.data.preprocess import preprocess
 
     root = Path(cfg.output_dir) / "data"
+    # "info": what info.json holds, so that data written before a field was added is rebuilt
     settings = {"python": sys.version.split()[0], "valid_fraction": cfg.valid_fraction,
-                "train_documents": cfg.train_documents, "tokenizer": str(tokenizer)}  # fmt: skip
+                "train_documents": cfg.train_documents, "tokenizer": str(tokenizer),
+                "info": "train_tokens"}  # fmt: skip
     stamp, prefix = root / "settings.json", root / "pydoc"
     if stamp_ok(stamp, settings):
         info = json.loads((root / "info.json").read_text())
-        if "train_tokens" in info:
-            _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid "
-                 "documents)")  # fmt: skip
-            return info
+        _say(f"data: reusing {prefix} ({info['train']} train / {info['valid']} valid documents)")
+        return info
     shutil.rmtree(root, ignore_errors=True)
     docs = documents()
     split = {"train": [], "valid": []}

@@ -3,6 +3,7 @@ experiment runs (top-k cache, pruning, KD from the cache, the baseline, evaluati
 greedy continuations) and the report is well formed. Uses the dequantized teacher that
 tests/test_smollm2.py (which runs first) caches; skipped, with the reason, when it is absent."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -97,5 +98,5 @@ def test_train_documents_takes_a_count_or_all():
     from distill_llm.example import _documents
 
     assert _documents("16") == 16 and _documents("all") is None and _documents(" ALL ") is None
-    with pytest.raises(Exception, match="a number of documents or 'all', got 'x'"):
+    with pytest.raises(argparse.ArgumentTypeError, match="a number of documents or 'all', got 'x'"):
         _documents("x")
